@@ -1,0 +1,1 @@
+"""tiercache: a shared HTTP cache over Redis, process memory and SQLite."""

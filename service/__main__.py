@@ -1,0 +1,48 @@
+"""`python -m service`: load settings, configure logging, serve until interrupted."""
+
+from __future__ import annotations
+
+import sys
+
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.logging import configure_logging
+from service.settings import Settings, describe_error
+
+
+def main() -> None:
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        print(describe_error(error), file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level, settings.log_format)
+    log = structlog.get_logger("tiercache")
+    log.info(
+        "starting",
+        http=f"{settings.http_host}:{settings.http_port}",
+        redis=settings.redis_display(),
+        sqlite=str(settings.cache_db_path),
+        key_prefix=settings.cache_key_prefix,
+    )
+    try:
+        import uvloop
+    except ImportError:  # optional: the stock loop works, only slower
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    web.run_app(
+        create_app(settings),
+        host=settings.http_host,
+        port=settings.http_port,
+        print=None,
+        access_log=None,
+        loop=loop_factory() if loop_factory else None,
+    )
+
+
+if __name__ == "__main__":
+    main()

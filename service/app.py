@@ -1,0 +1,98 @@
+"""The app factory: settings in, a ready aiohttp application out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+import monitor
+from service.cascade import Cascade
+from service.errors import error_middleware
+from service.keys import (
+    cascade_key,
+    memory_key,
+    metrics_key,
+    mode_key,
+    redis_key,
+    settings_key,
+    sqlite_key,
+)
+from service.metrics import Metrics
+from service.mode import Mode
+from service.routes import setup_routes, timing_middleware
+from service.settings import Settings
+from service.tiers.memory import MemoryTier
+from service.tiers.redis import RedisTier, make_client
+from service.tiers.sqlite import SqliteTier
+
+#: Room in a request body beyond the value itself (the key, the ttl, JSON punctuation and
+#: escapes that decode shorter than they are written).
+BODY_OVERHEAD_BYTES = 64 * 1024
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        middlewares=[error_middleware, timing_middleware],
+        client_max_size=2 * settings.cache_max_value_bytes + BODY_OVERHEAD_BYTES,
+    )
+    metrics = Metrics()
+    mode = Mode(metrics)
+    redis_timeout = settings.redis_socket_timeout_seconds + settings.redis_connect_timeout_seconds
+    redis = RedisTier(
+        make_client(settings, settings.redis_socket_timeout_seconds, settings.redis_pool_size),
+        settings.cache_key_prefix,
+        redis_timeout,
+    )
+    memory = MemoryTier(metrics, settings.memory_max_entries, settings.memory_max_bytes)
+    sqlite = SqliteTier(metrics, settings.cache_db_path, settings.sqlite_synchronous)
+
+    app[settings_key] = settings
+    app[metrics_key] = metrics
+    app[mode_key] = mode
+    app[redis_key] = redis
+    app[memory_key] = memory
+    app[sqlite_key] = sqlite
+    app[cascade_key] = Cascade(redis, memory, sqlite, mode, metrics)
+
+    app.cleanup_ctx.append(sqlite_ctx)
+    app.cleanup_ctx.append(redis_ctx)
+    app.cleanup_ctx.append(cascade_ctx)
+    setup_routes(app)
+    # Last: it stops first, before the clients it watches are closed.
+    monitor.setup(app, before_recover=(redis.reset_connections,))
+    return app
+
+
+async def sqlite_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the SQLite tier and sweep expired rows (and stale memory entries) periodically."""
+    sqlite = app[sqlite_key]
+    memory = app[memory_key]
+    interval = app[settings_key].sqlite_sweep_interval_seconds
+    await sqlite.open()
+
+    async def sweep_forever() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            memory.expire()
+            with contextlib.suppress(Exception):  # logged and counted by the tier
+                await sqlite.sweep()
+
+    task = asyncio.create_task(sweep_forever(), name="sqlite-sweeper")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await sqlite.close()
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[redis_key].close()
+
+
+async def cascade_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    await app[cascade_key].drain()

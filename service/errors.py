@@ -1,0 +1,82 @@
+"""JSON errors for every failure: 4xx for bad input, 503 for a refused write, 500 logged once.
+
+No traceback ever leaves the process; each request carries an id (the client's X-Request-ID
+or a fresh one) that log lines and the error body share.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import orjson
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from service.keys import metrics_key
+
+log = structlog.get_logger("tiercache.http")
+
+_ids = itertools.count(1)
+_ID_PREFIX = f"{os.getpid():x}-"
+REQUEST_ID_HEADER = "X-Request-ID"
+MAX_REQUEST_ID_LENGTH = 128
+
+
+def error_response(status: int, message: str) -> web.Response:
+    return web.json_bytes_response(
+        {"success": False, "error": message}, status=status, dumps=orjson.dumps
+    )
+
+
+class WriteRejected(Exception):
+    """The durable tier could not take a write or delete; no tier changed."""
+
+
+class BadRequest(Exception):
+    """Input the API refuses: becomes a 4xx JSON error and changes nothing."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = request.headers.get(REQUEST_ID_HEADER, "")[:MAX_REQUEST_ID_LENGTH]
+    structlog.contextvars.bind_contextvars(request_id=request_id or _ID_PREFIX + str(next(_ids)))
+    try:
+        return await handler(request)
+    except BadRequest as error:
+        _count_rejected(request, "bad_request")
+        return error_response(error.status, str(error))
+    except WriteRejected:
+        _count_rejected(request, "unavailable")
+        return error_response(503, "the durable tier could not take the write; nothing changed")
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        reason = error.reason
+        allow = error.headers.get("Allow", "")
+        if error.status == 413:
+            reason = "request body too large"
+        elif error.status == 405:
+            reason = f"method {request.method} not allowed here; allowed: {allow}"
+        elif error.status == 404:
+            reason = f"no route for {request.path}"
+        response = error_response(error.status, reason)
+        if allow:
+            response.headers["Allow"] = allow
+        return response
+    except Exception:
+        log.exception("unhandled error", method=request.method, path=request.path)
+        return error_response(500, "internal error")
+
+
+_OPERATIONS = {"POST": "set", "GET": "get", "HEAD": "head", "DELETE": "delete"}
+
+
+def _count_rejected(request: web.Request, outcome: str) -> None:
+    operation = _OPERATIONS.get(request.method, "other")
+    request.app[metrics_key].requests.labels(operation, outcome).inc()

@@ -1,0 +1,99 @@
+"""The one settings object: every knob of the service, read from the environment or `.env`.
+
+Durations are in seconds and sizes in bytes; each name says so where it could be doubted.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import quote
+
+from pydantic import AnyUrl, Field, SecretStr, UrlConstraints, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RedisUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["redis", "rediss", "unix"])]
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+class Settings(BaseSettings):
+    """Configuration of one service process. See `config/example.env` for every variable."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # Redis: REDIS_URL wins over the separate parts when set.
+    redis_url: RedisUrl | None = None
+    redis_host: str = "localhost"
+    redis_port: int = Field(6379, ge=1, le=65535)
+    redis_password: SecretStr = SecretStr("")
+    redis_db: int = Field(0, ge=0)
+    redis_socket_timeout_seconds: float = Field(0.25, gt=0, le=30)
+    redis_connect_timeout_seconds: float = Field(0.25, gt=0, le=30)
+    redis_pool_size: int = Field(32, ge=1, le=10_000)
+
+    # HTTP
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+
+    # Cache
+    cache_db_path: Path = Path("data/cache.db")
+    cache_key_prefix: str = "cache:"
+    cache_default_ttl_seconds: int | None = Field(None, gt=0)
+    cache_max_value_bytes: int = Field(1 * MiB, gt=0)
+    memory_max_entries: int = Field(100_000, gt=0)
+    memory_max_bytes: int = Field(64 * MiB, gt=0)
+    sqlite_sweep_interval_seconds: float = Field(60.0, gt=0)
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+    # Health monitor
+    health_interval_seconds: float = Field(1.0, gt=0)
+    health_timeout_seconds: float = Field(0.25, gt=0)
+    reconnect_backoff_base_seconds: float = Field(0.1, gt=0)
+    reconnect_backoff_cap_seconds: float = Field(30.0, gt=0)
+    health_stable_seconds: float = Field(30.0, gt=0)
+
+    # Logging
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+
+    @model_validator(mode="after")
+    def _backoff_cap_not_below_base(self) -> Settings:
+        if self.reconnect_backoff_cap_seconds < self.reconnect_backoff_base_seconds:
+            raise ValueError(
+                "RECONNECT_BACKOFF_CAP_SECONDS must be >= RECONNECT_BACKOFF_BASE_SECONDS"
+            )
+        return self
+
+    def redis_connection_url(self) -> str:
+        """The URL redis-py connects to (it may hold the password: never log it)."""
+        if self.redis_url is not None:
+            return str(self.redis_url)
+        password = self.redis_password.get_secret_value()
+        auth = f":{quote(password, safe='')}@" if password else ""
+        return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    def redis_display(self) -> str:
+        """Where Redis is, fit for a log line: no password."""
+        if self.redis_url is not None:
+            url = self.redis_url
+            if url.scheme == "unix":
+                return f"unix://{url.path}"
+            return f"{url.scheme}://{url.host}:{url.port}{url.path or ''}"
+        return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+
+_SECRET_NAMES = {"REDIS_URL", "REDIS_PASSWORD"}
+
+
+def describe_error(error: ValidationError) -> str:
+    """One line naming each invalid variable and what it accepts."""
+    parts = []
+    for item in error.errors():
+        name = "_".join(str(p) for p in item["loc"]).upper() or "settings"
+        shown = "<hidden>" if name in _SECRET_NAMES else repr(item.get("input"))
+        parts.append(f"{name}: {item['msg']} (got {shown})")
+    return "invalid setting " + "; ".join(parts)

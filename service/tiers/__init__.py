@@ -1,0 +1,1 @@
+"""The cache tiers: Redis (shared), memory (this process), SQLite (this host, durable)."""

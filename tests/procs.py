@@ -1,0 +1,139 @@
+"""Throwaway server processes for tests: started on free loopback ports, killable and pausable.
+
+Tests never touch a Redis they did not start; everything here binds 127.0.0.1 on a port the
+kernel handed out a moment before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+STARTUP_TIMEOUT_SECONDS = 10.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def require_binary(name: str) -> str:
+    """The path of an executable the tests need, or a clear failure (never a skip)."""
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(
+            f"{name} is not installed; run ./scripts/test, which installs it "
+            f"(Debian: apt-get install -y {name})"
+        )
+    return path
+
+
+def wait_for_port(port: int, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
+    """Block until something accepts TCP connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+def redis_ping(port: int, timeout: float = 0.5) -> bool:
+    """True when a Redis server on the port answers PING with PONG."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisProcess:
+    """One redis-server on a fixed free port that a test can kill, pause and bring back."""
+
+    def __init__(self, port: int | None = None, *extra_args: str) -> None:
+        self.port = port or free_port()
+        self.extra_args = list(extra_args)
+        self.dir = Path(tempfile.mkdtemp(prefix="tiercache-redis-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        binary = require_binary("redis-server")
+        args = [
+            binary,
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", str(self.dir),
+            "--protected-mode", "no",
+            *self.extra_args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
+        while not redis_ping(self.port):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"redis-server on {self.port} did not answer PING")
+            time.sleep(0.02)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: the server vanishes with its data, connections reset."""
+        if self.proc is not None:
+            self.resume()
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: connections stay open but nothing answers, the worst case for clients."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Kill and start again on the same port, empty (no persistence)."""
+        self.kill()
+        self.start()
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def redis_process(*extra_args: str) -> Iterator[RedisProcess]:
+    """A started RedisProcess, stopped on exit whatever the test did to it."""
+    server = RedisProcess(None, *extra_args).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
