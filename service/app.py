@@ -47,7 +47,12 @@ def create_app(settings: Settings) -> web.Application:
         redis_timeout,
     )
     memory = MemoryTier(metrics, settings.memory_max_entries, settings.memory_max_bytes)
-    sqlite = SqliteTier(metrics, settings.cache_db_path, settings.sqlite_synchronous)
+    sqlite = SqliteTier(
+        metrics,
+        settings.cache_db_path,
+        settings.sqlite_synchronous,
+        settings.sqlite_busy_timeout_seconds,
+    )
 
     app[settings_key] = settings
     app[metrics_key] = metrics

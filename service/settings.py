@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     memory_max_bytes: int = Field(64 * MiB, gt=0)
     sqlite_sweep_interval_seconds: float = Field(60.0, gt=0)
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    sqlite_busy_timeout_seconds: float = Field(2.0, ge=0, le=60)
 
     # Health monitor
     health_interval_seconds: float = Field(1.0, gt=0)

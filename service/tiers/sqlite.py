@@ -68,11 +68,13 @@ class SqliteTier:
         metrics: Metrics,
         path: Path,
         synchronous: str = "NORMAL",
+        busy_timeout_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._metrics = metrics
         self._path = path
         self._synchronous = synchronous
+        self._busy_timeout_ms = int(busy_timeout_seconds * 1000)
         self._clock = clock
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -91,7 +93,7 @@ class SqliteTier:
         conn = await aiosqlite.connect(self._path, isolation_level=None)
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute(f"PRAGMA synchronous={self._synchronous}")
-        await conn.execute("PRAGMA busy_timeout=2000")
+        await conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
         await conn.create_function("redis_match", 2, _match_function, deterministic=True)
         return conn
 
