@@ -41,7 +41,7 @@ def make_client(settings: Settings, socket_timeout: float, pool_size: int) -> Re
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
-    return Redis(connection_pool=pool, retry=Retry(NoBackoff(), 0))
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
 
 
 class RedisTier:
