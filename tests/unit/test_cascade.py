@@ -1,0 +1,149 @@
+"""The cascade's policy over the three tiers, with fakeredis standing in for Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fakeredis
+import pytest
+
+from service.cascade import Cascade
+from service.errors import WriteRejected
+from service.metrics import Metrics
+from service.mode import Mode
+from service.tiers.base import Entry, TierError
+from service.tiers.memory import MemoryTier
+from service.tiers.redis import RedisTier
+from service.tiers.sqlite import SqliteTier
+
+
+@dataclass
+class World:
+    cascade: Cascade
+    redis: RedisTier
+    server: fakeredis.FakeServer
+    memory: MemoryTier
+    database: SqliteTier
+    mode: Mode
+    metrics: Metrics
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    metrics = Metrics()
+    mode = Mode(metrics)
+    server = fakeredis.FakeServer()
+    redis = RedisTier(fakeredis.FakeAsyncRedis(server=server), "cache:", 0.5)
+    memory = MemoryTier(metrics, 1000, 10_000_000)
+    database = SqliteTier(metrics, tmp_path / "c.db")
+    await database.open()
+    mode.redis_recovered("test")
+    cascade = Cascade(redis, memory, database, mode, metrics)
+    yield World(cascade, redis, server, memory, database, mode, metrics)
+    await cascade.drain()
+    await database.close()
+    await redis.close()
+
+
+async def test_write_goes_to_all_three_tiers(world: World) -> None:
+    await world.cascade.set("k", b'{"a":1}', 60)
+    assert (await world.redis.get("k")) is not None
+    assert world.memory.get("k") is not None
+    assert (await world.database.get("k")) is not None
+    hit = await world.cascade.get("k")
+    assert hit is not None
+    assert hit.tier == "redis"
+    assert hit.entry.raw == b'{"a":1}'
+
+
+async def test_read_falls_through_and_promotes(world: World) -> None:
+    await world.cascade.set("k", b"1", None)
+    await world.redis.delete("k")
+    hit = await world.cascade.get("k")
+    assert hit is not None
+    assert hit.tier == "memory"
+    await world.cascade.drain()
+    assert await world.redis.get("k") is not None
+
+    await world.redis.delete("k")
+    world.memory.delete("k")
+    hit = await world.cascade.get("k")
+    assert hit is not None
+    assert hit.tier == "database"
+    await world.cascade.drain()
+    assert world.memory.get("k") is not None
+    assert await world.redis.get("k") is not None
+    assert world.sample("tiercache_tier_hits_total", tier="database") == 1
+    assert world.sample("tiercache_tier_misses_total", tier="redis") == 2
+
+
+async def test_miss_everywhere(world: World) -> None:
+    assert await world.cascade.get("nope") is None
+    assert not await world.cascade.contains("nope")
+    for tier in ("redis", "memory", "database"):
+        assert world.sample("tiercache_tier_misses_total", tier=tier) == 1
+
+
+async def test_redis_failure_on_write_is_counted_and_degrades_but_succeeds(world: World) -> None:
+    world.server.connected = False
+    await world.cascade.set("k", b"1", None)
+    assert not world.mode.redis_usable
+    assert world.mode.failure.is_set()
+    assert world.sample("tiercache_tier_errors_total", tier="redis") == 1
+    hit = await world.cascade.get("k")
+    assert hit is not None
+    assert hit.tier == "memory"
+
+
+async def test_degraded_mode_never_touches_redis(world: World) -> None:
+    world.mode.redis_failed("test")
+
+    async def explode(*_: object) -> None:
+        raise AssertionError("Redis was used while degraded")
+
+    world.redis._pipe.execute = explode  # type: ignore[assignment,method-assign]
+    await world.cascade.set("k", b"1", None)
+    assert (await world.cascade.get("k")) is not None
+    assert await world.cascade.contains("k")
+    assert (await world.cascade.delete("k")) == {"redis": 0, "memory": 1, "database": 1}
+    assert await world.cascade.redis_server_stats() is None
+
+
+async def test_sqlite_refusal_rejects_the_write_everywhere(world: World) -> None:
+    await world.cascade.set("k", b"old", None)
+
+    async def refuse(*_: object) -> None:
+        raise TierError("disk full")
+
+    world.database.set = refuse  # type: ignore[assignment,method-assign]
+    with pytest.raises(WriteRejected):
+        await world.cascade.set("k", b"new", None)
+    assert world.memory.get("k") == Entry(b"old", None)
+    redis_entry = await world.redis.get("k")
+    assert redis_entry is not None
+    assert redis_entry.raw == b"old"
+
+
+async def test_delete_pattern_counts_per_tier(world: World) -> None:
+    for key in ("a:1", "a:2", "b:1"):
+        await world.cascade.set(key, b"1", None)
+    await world.redis.delete("a:2")
+    assert await world.cascade.delete_pattern("a:*") == {"redis": 1, "memory": 2, "database": 2}
+    assert await world.cascade.get("a:1") is None
+    assert await world.cascade.get("b:1") is not None
+
+
+async def test_promotion_is_skipped_while_degraded(world: World) -> None:
+    await world.cascade.set("k", b"1", None)
+    await world.redis.delete("k")
+    world.mode.redis_failed("test")
+    await world.cascade.get("k")
+    await asyncio.sleep(0)
+    world.mode.redis_recovered("test")
+    assert await world.redis.get("k") is None
