@@ -22,7 +22,11 @@ class Settings(BaseSettings):
     """Configuration of one service process. See `config/example.env` for every variable."""
 
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,  # `VAR=` means "the default", as in config/example.env
+        extra="ignore",
+        frozen=True,
     )
 
     # Redis: REDIS_URL wins over the separate parts when set.

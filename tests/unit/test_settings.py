@@ -91,3 +91,15 @@ def test_the_service_refuses_to_start_with_one_clear_line(tmp_path: Path) -> Non
     assert lines[0].startswith("invalid setting REDIS_PORT")
     assert "integer" in lines[0]
     assert not (tmp_path / "x.db").exists()
+
+
+def test_the_example_env_file_is_valid_and_documents_every_setting() -> None:
+    example = ROOT / "config" / "example.env"
+    parsed = Settings(_env_file=example)
+    assert parsed.redis_connection_url() == "redis://localhost:6379/0"
+    documented = {
+        line.split("=", 1)[0].lstrip("# ").strip()
+        for line in example.read_text().splitlines()
+        if "=" in line and line.lstrip("# ")[:1].isupper()
+    }
+    assert {name.upper() for name in Settings.model_fields} <= documented
