@@ -79,9 +79,11 @@ class HealthMonitor:
                 info = await self._client.info("server")
         except (RedisError, OSError, TimeoutError) as error:
             self._last_error = f"{type(error).__name__}: {error}".rstrip(": ")
+            self._metrics.redis_up.set(0)
             return False
         finally:
             self.attempts_in_flight -= 1
+        self._metrics.redis_up.set(1)
         self._metrics.ping_duration.observe(time.perf_counter() - started)
         self._notice_server(str(info.get("run_id", "")))
         return True

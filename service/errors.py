@@ -71,6 +71,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return response
     except Exception:
         log.exception("unhandled error", method=request.method, path=request.path)
+        _count_rejected(request, "error")
         return error_response(500, "internal error")
 
 
@@ -78,5 +79,6 @@ _OPERATIONS = {"POST": "set", "GET": "get", "HEAD": "head", "DELETE": "delete"}
 
 
 def _count_rejected(request: web.Request, outcome: str) -> None:
+    """Count requests that ended in an error response (handlers count their successes)."""
     operation = _OPERATIONS.get(request.method, "other")
     request.app[metrics_key].requests.labels(operation, outcome).inc()

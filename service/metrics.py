@@ -81,7 +81,9 @@ class Metrics:
             registry=r,
         )
         self.redis_up = Gauge(
-            f"{PREFIX}_redis_up", "1 while Redis answers pings, else 0.", registry=r
+            f"{PREFIX}_redis_up",
+            "1 if the health monitor's last check of Redis succeeded, else 0.",
+            registry=r,
         )
         self.mode = Gauge(
             f"{PREFIX}_mode",

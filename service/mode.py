@@ -59,7 +59,7 @@ class Mode:
     def account_degraded_time(self) -> None:
         """Add the time degraded since last accounted, so the counter grows during an outage."""
         now = self._clock()
-        if not self.redis_usable:
+        if not self.redis_usable and self._decided:
             self._metrics.degraded_seconds.inc(max(0.0, now - self._accounted_until))
         self._accounted_until = now
 
@@ -67,7 +67,8 @@ class Mode:
         self.account_degraded_time()
         now = self._clock()
         lasted = now - self.since
-        changed = usable != self.redis_usable
+        # The start-up verdict is not a transition: no flip happened.
+        changed = self._decided and usable != self.redis_usable
         self._decided = True
         self.redis_usable = usable
         self.since = now
@@ -85,6 +86,5 @@ class Mode:
         self._publish()
 
     def _publish(self) -> None:
-        self._metrics.redis_up.set(1 if self.redis_usable else 0)
         self._metrics.mode.labels(FULL).set(1 if self.redis_usable else 0)
         self._metrics.mode.labels(DEGRADED).set(0 if self.redis_usable else 1)

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """A cached value: its JSON encoding and when it expires (epoch seconds, None = never)."""
+    """A cached value: its JSON encoding, when it expires (epoch seconds, None = never) and
+    the version of the write that made it (see service/versions.py)."""
 
     raw: bytes
     expires_at: float | None
+    version: int = 0
 
     def remaining(self, now: float) -> float | None:
         """Seconds left to live, None when it never expires."""
