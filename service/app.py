@@ -10,9 +10,11 @@ from aiohttp import web
 
 import monitor
 from service.cascade import Cascade
+from service.coherence import FEED_BLOCK_MILLISECONDS, Coherence
 from service.errors import error_middleware
 from service.keys import (
     cascade_key,
+    coherence_key,
     memory_key,
     metrics_key,
     mode_key,
@@ -27,6 +29,7 @@ from service.settings import Settings
 from service.tiers.memory import MemoryTier
 from service.tiers.redis import RedisTier, make_client
 from service.tiers.sqlite import SqliteTier
+from service.versions import VersionClock
 
 #: Room in a request body beyond the value itself (the key, the ttl, JSON punctuation and
 #: escapes that decode shorter than they are written).
@@ -45,6 +48,7 @@ def create_app(settings: Settings) -> web.Application:
         make_client(settings, settings.redis_socket_timeout_seconds, settings.redis_pool_size),
         settings.cache_key_prefix,
         redis_timeout,
+        feed_max_length=settings.feed_max_length,
     )
     memory = MemoryTier(metrics, settings.memory_max_entries, settings.memory_max_bytes)
     sqlite = SqliteTier(
@@ -60,14 +64,27 @@ def create_app(settings: Settings) -> web.Application:
     app[redis_key] = redis
     app[memory_key] = memory
     app[sqlite_key] = sqlite
-    app[cascade_key] = Cascade(redis, memory, sqlite, mode, metrics)
+    versions = VersionClock()
+    app[cascade_key] = Cascade(
+        redis, memory, sqlite, mode, metrics, versions,
+        near_cache=settings.cache_read_mode == "near",
+    )  # fmt: skip
+    # A blocking XREAD waits up to FEED_BLOCK_MILLISECONDS: its socket must wait longer.
+    feed_timeout = FEED_BLOCK_MILLISECONDS / 1000 + settings.redis_socket_timeout_seconds
+    coherence = Coherence(
+        redis, memory, sqlite, mode, versions, metrics,
+        make_client(settings, feed_timeout, pool_size=1),
+    )  # fmt: skip
+    app[coherence_key] = coherence
 
     app.cleanup_ctx.append(sqlite_ctx)
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(cascade_ctx)
+    app.cleanup_ctx.append(coherence_ctx)
     setup_routes(app)
-    # Last: it stops first, before the clients it watches are closed.
-    monitor.setup(app, before_recover=(redis.reset_connections,))
+    # Last: it stops first, before the clients it watches are closed. Before it flips back
+    # to full it drops dead pooled connections, catches up on the feed, replays the journal.
+    monitor.setup(app, before_recover=(redis.reset_connections, coherence.resync))
     return app
 
 
@@ -101,3 +118,15 @@ async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
 async def cascade_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     await app[cascade_key].drain()
+
+
+async def coherence_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Load this instance's feed position, then follow the feed while the app runs."""
+    coherence = app[coherence_key]
+    await coherence.open()
+    task = asyncio.create_task(coherence.run(), name="invalidation-feed")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await coherence.close()

@@ -1,9 +1,11 @@
 """The read, write and delete policy over the three tiers.
 
-Reads go Redis, memory, SQLite; the first live entry wins and is copied into the tiers above
-it with its remaining TTL. Writes are acknowledged once SQLite committed and memory holds the
-value; Redis gets it too when usable. Deletes clear every tier. The cascade reads the mode and
-reports Redis failures to it; it never pings.
+Reads go Redis, memory, SQLite (or memory first in near-cache mode); the first live entry wins
+and is copied into the tiers above it with its remaining TTL. Writes are acknowledged once
+SQLite committed and memory holds the value; Redis gets it too when usable. Deletes clear
+every tier. Every change carries a version, so Redis keeps the newest whatever the order of
+arrival. A change that could not reach Redis is journaled in SQLite for replay (see
+service/coherence.py). The cascade reads the mode and reports Redis failures; it never pings.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 
@@ -22,6 +25,7 @@ from service.tiers.base import Entry, TierError
 from service.tiers.memory import MemoryTier
 from service.tiers.redis import RedisTier
 from service.tiers.sqlite import SqliteTier
+from service.versions import VersionClock
 
 log = structlog.get_logger("tiercache.cascade")
 
@@ -44,12 +48,17 @@ class Cascade:
         database: SqliteTier,
         mode: Mode,
         metrics: Metrics,
+        versions: VersionClock,
+        *,
+        near_cache: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
         self.memory = memory
         self.database = database
         self.mode = mode
+        self.versions = versions
+        self.near_cache = near_cache
         self._clock = clock
         self._background: set[asyncio.Task[None]] = set()
         self._hits = {t: metrics.tier_hits.labels(t) for t in ("redis", "memory", "database")}
@@ -59,6 +68,13 @@ class Cascade:
     # Reads
 
     async def get(self, key: str) -> Hit | None:
+        if self.near_cache:
+            entry = self.memory.get(key)
+            if entry is not None:
+                self._hits["memory"].inc()
+                return Hit(entry, "memory")
+            self._misses["memory"].inc()
+
         if self.mode.redis_usable:
             try:
                 entry = await self.redis.get(key)
@@ -67,15 +83,18 @@ class Cascade:
             else:
                 if entry is not None:
                     self._hits["redis"].inc()
+                    if self.near_cache:
+                        self.memory.set(key, entry)
                     return Hit(entry, "redis")
                 self._misses["redis"].inc()
 
-        entry = self.memory.get(key)
-        if entry is not None:
-            self._hits["memory"].inc()
-            self._promote_to_redis(key, entry)
-            return Hit(entry, "memory")
-        self._misses["memory"].inc()
+        if not self.near_cache:
+            entry = self.memory.get(key)
+            if entry is not None:
+                self._hits["memory"].inc()
+                self._promote_to_redis(key, entry)
+                return Hit(entry, "memory")
+            self._misses["memory"].inc()
 
         try:
             entry = await self.database.get(key)
@@ -112,52 +131,90 @@ class Cascade:
 
     async def set(self, key: str, raw: bytes, ttl_seconds: float | None) -> None:
         expires_at = None if ttl_seconds is None else self._clock() + ttl_seconds
-        entry = Entry(raw, expires_at)
+        entry = Entry(raw, expires_at, self.versions.next())
+        journaled = not self.mode.redis_usable
         try:
-            await self.database.set(key, entry)
+            await self.database.set(key, entry, journal=journaled)
         except TierError as error:
             raise WriteRejected(str(error)) from error
         self.memory.set(key, entry)
         if self.mode.redis_usable:
             try:
-                await self.redis.set(key, entry)
+                if not await self.redis.set(key, entry):
+                    await self._superseded(key, entry.version)
+                return
             except TierError as error:
                 self._redis_failed(error)
+        if not journaled:
+            await self._journal("set", key, entry, entry.version)
 
     async def delete(self, key: str) -> dict[str, int]:
         return await self._delete_everywhere(
-            lambda: self.redis.delete(key),
+            "delete",
+            key,
+            lambda version, journal: self.database.delete(key, version, journal=journal),
             lambda: self.memory.delete(key),
-            lambda: self.database.delete(key),
+            lambda version: self.redis.delete(key, version),
         )
 
     async def delete_pattern(self, pattern: str) -> dict[str, int]:
         return await self._delete_everywhere(
-            lambda: self.redis.delete_pattern(pattern),
+            "pattern",
+            pattern,
+            lambda version, journal: self.database.delete_pattern(
+                pattern, version, journal=journal
+            ),
             lambda: self.memory.delete_pattern(pattern),
-            lambda: self.database.delete_pattern(pattern),
+            lambda version: self.redis.delete_pattern(pattern, version),
         )
 
     async def _delete_everywhere(
         self,
-        in_redis: Callable[[], Awaitable[int]],
+        op: Literal["delete", "pattern"],
+        target: str,
+        in_database: Callable[[int, bool], Awaitable[int]],
         in_memory: Callable[[], int],
-        in_database: Callable[[], Awaitable[int]],
+        in_redis: Callable[[int], Awaitable[int]],
     ) -> dict[str, int]:
         # SQLite first: if the durable tier refuses, nothing is deleted anywhere and the
         # client is told, rather than a value coming back from SQLite after a restart.
+        version = self.versions.next()
+        journaled = not self.mode.redis_usable
         try:
-            database = await in_database()
+            database = await in_database(version, journaled)
         except TierError as error:
             raise WriteRejected(str(error)) from error
         memory = in_memory()
         redis = 0
         if self.mode.redis_usable:
             try:
-                redis = await in_redis()
+                redis = await in_redis(version)
             except TierError as error:
                 self._redis_failed(error)
+                await self._journal(op, target, None, version)
+        elif not journaled:
+            await self._journal(op, target, None, version)
         return {"redis": redis, "memory": memory, "database": database}
+
+    async def _superseded(self, key: str, version: int) -> None:
+        """Redis holds a newer write than ours: keep no copy of ours locally."""
+        self.memory.invalidate(key, version + 1)
+        try:
+            await self.database.delete(key, below=version + 1)
+        except TierError as error:
+            self._errors["database"].inc()
+            log.error("sqlite delete failed", error=str(error))
+
+    async def _journal(
+        self, op: Literal["set", "delete", "pattern"], key: str, entry: Entry | None, version: int
+    ) -> None:
+        """Record a change that reached SQLite but not Redis, for replay when Redis is back."""
+        try:
+            await self.database.journal(op, key, entry, version)
+        except TierError as error:
+            self._errors["database"].inc()
+            log.error("journal write failed; change will not reach Redis", error=str(error),
+                      op=op, key=key)  # fmt: skip
 
     async def redis_server_stats(self) -> dict[str, int] | None:
         """Redis's own counters, or None while Redis is not in use."""
@@ -185,7 +242,7 @@ class Cascade:
 
     async def _promote(self, key: str, entry: Entry) -> None:
         try:
-            await self.redis.set(key, entry)
+            await self.redis.set(key, entry, announce=False)
         except TierError as error:
             self._redis_failed(error)
 

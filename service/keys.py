@@ -8,6 +8,7 @@ from aiohttp import web
 
 if TYPE_CHECKING:
     from service.cascade import Cascade
+    from service.coherence import Coherence
     from service.metrics import Metrics
     from service.mode import Mode
     from service.settings import Settings
@@ -22,3 +23,4 @@ redis_key: web.AppKey[RedisTier] = web.AppKey("redis")
 memory_key: web.AppKey[MemoryTier] = web.AppKey("memory")
 sqlite_key: web.AppKey[SqliteTier] = web.AppKey("sqlite")
 cascade_key: web.AppKey[Cascade] = web.AppKey("cascade")
+coherence_key: web.AppKey[Coherence] = web.AppKey("coherence")

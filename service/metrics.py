@@ -118,6 +118,34 @@ class Metrics:
             "Times the Redis server behind the service changed (restart, failover: new run_id).",
             registry=r,
         )
+        self.journal_pending = Gauge(
+            f"{PREFIX}_journal_pending",
+            "Changes made while Redis was unusable, waiting to be replayed into it.",
+            registry=r,
+        )
+        self.journal_replayed = Counter(
+            f"{PREFIX}_journal_replayed_total",
+            "Journaled changes replayed into Redis, by whether Redis took them or held newer.",
+            ["result"],
+            registry=r,
+        )
+        self.invalidations = Counter(
+            f"{PREFIX}_invalidations_total",
+            "Changes announced by other instances and applied to this one's local tiers.",
+            ["kind"],
+            registry=r,
+        )
+        self.resyncs = Counter(
+            f"{PREFIX}_resyncs_total",
+            "Reconnections to the invalidation feed, by what had to be done to catch up.",
+            ["outcome"],
+            registry=r,
+        )
+        self.feed_lag = Gauge(
+            f"{PREFIX}_invalidation_lag_seconds",
+            "Age of the newest invalidation applied when it was applied.",
+            registry=r,
+        )
         for tier in TIERS:
             for counter in (self.tier_hits, self.tier_misses, self.tier_errors):
                 counter.labels(tier)

@@ -33,6 +33,8 @@ class Mode:
         self._decided = False  # the first verdict is logged even when it keeps "degraded"
         self._accounted_until = self.since
         self.failure = asyncio.Event()
+        #: Set while Redis is usable, for background work that needs it to wait its turn.
+        self.usable = asyncio.Event()
         #: Incremented each time Redis is found to be a different server (restart, failover).
         self.redis_epoch = 0
         self._publish()
@@ -47,12 +49,14 @@ class Mode:
     def redis_failed(self, reason: str) -> None:
         """Stop using Redis now; the monitor takes over reconnecting."""
         self.failure.set()
+        self.usable.clear()
         if self.redis_usable or not self._decided:
             self._flip(False, reason)
 
     def redis_recovered(self, reason: str) -> None:
         """Called by the monitor once Redis answers again."""
         self.failure.clear()
+        self.usable.set()
         if not self.redis_usable:
             self._flip(True, reason)
 

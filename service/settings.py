@@ -9,10 +9,21 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import quote
 
-from pydantic import AnyUrl, Field, SecretStr, UrlConstraints, ValidationError, model_validator
+from pydantic import (
+    AnyUrl,
+    Field,
+    SecretStr,
+    UrlConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RedisUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["redis", "rediss", "unix"])]
+
+#: Where the service keeps its own keys in Redis (the invalidation feed and the data-set id).
+INTERNAL_NAMESPACE = "tiercache-internal:"
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -45,12 +56,14 @@ class Settings(BaseSettings):
 
     # Cache
     cache_db_path: Path = Path("data/cache.db")
-    cache_key_prefix: str = "cache:"
+    cache_key_prefix: str = Field("cache:", min_length=1)
+    cache_read_mode: Literal["cascade", "near"] = "cascade"
     cache_default_ttl_seconds: int | None = Field(None, gt=0)
     cache_max_value_bytes: int = Field(1 * MiB, gt=0)
     memory_max_entries: int = Field(100_000, gt=0)
     memory_max_bytes: int = Field(64 * MiB, gt=0)
     sqlite_sweep_interval_seconds: float = Field(60.0, gt=0)
+    feed_max_length: int = Field(100_000, ge=100)
     sqlite_synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     sqlite_busy_timeout_seconds: float = Field(2.0, ge=0, le=60)
 
@@ -64,6 +77,14 @@ class Settings(BaseSettings):
     # Logging
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
+
+    @field_validator("cache_key_prefix")
+    @classmethod
+    def _prefix_clear_of_internal_keys(cls, prefix: str) -> str:
+        # The service's own keys (the feed, the epoch) must never match a user pattern.
+        if prefix.startswith(INTERNAL_NAMESPACE) or INTERNAL_NAMESPACE.startswith(prefix):
+            raise ValueError(f"must not overlap the service's own namespace {INTERNAL_NAMESPACE!r}")
+        return prefix
 
     @model_validator(mode="after")
     def _backoff_cap_not_below_base(self) -> Settings:

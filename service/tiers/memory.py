@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from cachetools import TLRUCache
@@ -94,13 +95,31 @@ class MemoryTier:
         self._publish()
         return int(found)
 
-    def delete_pattern(self, pattern: str) -> int:
+    def invalidate(self, key: str, below: int) -> int:
+        """Drop the key if the entry held is older than version `below`."""
+        entry = self._cache.get(key)
+        if entry is None or entry.version >= below:
+            return 0
+        return self.delete(key)
+
+    def delete_pattern(self, pattern: str, below: int | None = None) -> int:
+        """Drop matching entries (only those older than version `below`, when given)."""
         matches = compile_pattern(pattern)
-        doomed = [key for key in list(self._cache.keys()) if matches(key)]
+        doomed = [
+            key
+            for key, entry in list(self._cache.items())
+            if matches(key) and (below is None or entry.version < below)
+        ]
         for key in doomed:
             self._cache.pop(key, None)
         self._publish()
         return len(doomed)
+
+    def keep_only(self, keys: AbstractSet[str]) -> None:
+        """Drop every entry but these (after losing track of what other instances changed)."""
+        for key in [k for k in list(self._cache.keys()) if k not in keys]:
+            self._cache.pop(key, None)
+        self._publish()
 
     def expire(self) -> None:
         """Drop expired entries now (they are never served either way; this frees memory)."""

@@ -3,21 +3,28 @@
 A request never waits on Redis longer than its timeout: the pool, connect and read deadlines
 are all short, and redis-py's own retries are off (its defaults, 5 s and 10 retries, make
 each request on a dead Redis wait for seconds). Recovering is the health monitor's job.
+
+Key `k` is a hash at `prefix + k` with the value's JSON in `val` and the version of the write
+in `ver`. Writes and deletes are compare-and-set Lua scripts on that one key, so the newest
+write wins whatever order instances' commands arrive in, and every change is announced on
+the invalidation feed (a capped Redis Stream) in the same pipeline. No script or command
+touches two keys, so all of this works on Redis Cluster too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from service.glob import escape
-from service.settings import Settings
+from service.settings import INTERNAL_NAMESPACE, Settings
 from service.tiers.autopipe import AutoPipeline
 from service.tiers.base import Entry, TierError
 
@@ -28,6 +35,39 @@ SCAN_BATCH = 500
 #: PTTL's answers that are not a remaining time.
 _PTTL_MISSING = -2
 _PTTL_PERSISTENT = -1
+
+
+# Store a value unless the key already holds a newer version. A key of another type in our
+# namespace is not ours to keep: it is replaced. Returns 1 when written, 0 when older.
+SET_NEWER = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'hash' then
+  local current = redis.call('HGET', KEYS[1], 'ver')
+  if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+elseif kind ~= 'none' then
+  redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[1], 'val', ARGV[2], 'ver', ARGV[1])
+if ARGV[3] == '0' then
+  redis.call('PERSIST', KEYS[1])
+else
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return 1
+"""
+
+# Delete a key unless it holds a version at or above ARGV[1]. Returns keys deleted.
+DELETE_OLDER = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'none' then return 0 end
+if kind == 'hash' then
+  local current = redis.call('HGET', KEYS[1], 'ver')
+  if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+end
+return redis.call('UNLINK', KEYS[1])
+"""
+
+EventKind = Literal["set", "delete", "pattern"]
 
 
 def make_client(settings: Settings, socket_timeout: float, pool_size: int) -> Redis:
@@ -45,7 +85,7 @@ def make_client(settings: Settings, socket_timeout: float, pool_size: int) -> Re
 
 
 class RedisTier:
-    """Entries in Redis as `prefix + key` holding the value's JSON, with Redis's own TTL."""
+    """Entries in Redis under the prefix, with Redis's own TTL, versioned; changes announced."""
 
     name = "redis"
 
@@ -54,10 +94,16 @@ class RedisTier:
         client: Redis,
         prefix: str,
         timeout_seconds: float,
+        origin: str = "",
+        feed_max_length: int = 100_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.client = client
         self.prefix = prefix
+        self.origin = origin
+        self.feed = f"{INTERNAL_NAMESPACE}{prefix}feed"
+        self.epoch_key = f"{INTERNAL_NAMESPACE}{prefix}epoch"
+        self._feed_max_length = feed_max_length
         self._pipe = AutoPipeline(client, timeout_seconds)
         self._clock = clock
 
@@ -74,40 +120,65 @@ class RedisTier:
 
     async def _run(self, *commands: tuple[Any, ...]) -> list[Any]:
         replies = await self._pipe.execute(*commands)
+        if any(isinstance(reply, NoScriptError) for reply in replies):
+            # Redis restarted or flushed its script cache: send the script bodies once.
+            replies = await self._pipe.execute(*(_with_script_body(c) for c in commands))
         for reply in replies:
             if isinstance(reply, Exception):
                 raise TierError(f"redis replied with an error: {reply}")
         return replies
 
+    # Reads
+
     async def get(self, key: str) -> Entry | None:
         name = self._name(key)
-        raw, pttl = await self._run(("GET", name), ("PTTL", name))
+        replies = await self._pipe.execute(("HMGET", name, "val", "ver"), ("PTTL", name))
+        fields, pttl = replies
+        if isinstance(fields, ResponseError):
+            return None  # not a hash: not something this service wrote
+        if isinstance(fields, Exception) or isinstance(pttl, Exception):
+            raise TierError(f"redis replied with an error: {fields or pttl}")
+        raw, version = fields
         if raw is None or pttl == _PTTL_MISSING:
             return None
         expires_at = None if pttl == _PTTL_PERSISTENT else self._clock() + pttl / 1000
-        return Entry(raw, expires_at)
+        return Entry(raw, expires_at, int(version or 0))
 
     async def contains(self, key: str) -> bool:
         (count,) = await self._run(("EXISTS", self._name(key)))
         return bool(count)
 
-    async def set(self, key: str, entry: Entry) -> None:
-        name = self._name(key)
-        if entry.expires_at is None:
-            await self._run(("SET", name, entry.raw))
-            return
-        ttl_ms = int((entry.expires_at - self._clock()) * 1000)
-        if ttl_ms <= 0:
-            await self._run(("UNLINK", name))
-        else:
-            await self._run(("SET", name, entry.raw, "PX", ttl_ms))
+    # Writes
 
-    async def delete(self, key: str) -> int:
-        (count,) = await self._run(("UNLINK", self._name(key)))
-        return int(count)
+    async def set(self, key: str, entry: Entry, *, announce: bool = True) -> bool:
+        """Store the entry unless Redis holds a newer version; True when stored."""
+        ttl_ms = 0
+        if entry.expires_at is not None:
+            ttl_ms = int((entry.expires_at - self._clock()) * 1000)
+            if ttl_ms <= 0:
+                return False  # already expired: nothing to store
+        commands = [_script(SET_NEWER, self._name(key), entry.version, entry.raw, ttl_ms)]
+        if announce:
+            commands.append(self._event("set", key, entry.version))
+        replies = await self._run(*commands)
+        return bool(replies[0])
 
-    async def delete_pattern(self, pattern: str) -> int:
-        """SCAN MATCH inside the prefix and UNLINK in batches; never KEYS."""
+    async def delete(self, key: str, version: int, *, announce: bool = True) -> int:
+        """Delete unless Redis holds a version at or above `version`; returns keys deleted."""
+        commands = [_script(DELETE_OLDER, self._name(key), version)]
+        if announce:
+            commands.append(self._event("delete", key, version))
+        replies = await self._run(*commands)
+        return int(replies[0])
+
+    async def delete_pattern(
+        self, pattern: str, version: int, *, conditional: bool = False, announce: bool = True
+    ) -> int:
+        """SCAN MATCH inside the prefix and delete in batches; never KEYS.
+
+        `conditional` keeps keys holding a version at or above `version` (for replaying an
+        old delete); otherwise matches go with batched UNLINK.
+        """
         match = escape(self.prefix) + pattern
         deleted = 0
         batch: list[bytes] = []
@@ -115,13 +186,52 @@ class RedisTier:
             async for name in self.client.scan_iter(match=match, count=SCAN_BATCH):
                 batch.append(name)
                 if len(batch) >= SCAN_BATCH:
-                    deleted += int(await self.client.unlink(*batch))
-                    batch.clear()
+                    deleted += await self._delete_names(batch, version, conditional)
+                    batch = []
             if batch:
-                deleted += int(await self.client.unlink(*batch))
+                deleted += await self._delete_names(batch, version, conditional)
+            if announce:
+                await self._run(self._event("pattern", pattern, version))
         except (RedisError, OSError) as error:
             raise TierError(f"redis pattern delete failed: {error}") from error
         return deleted
+
+    async def _delete_names(self, names: Sequence[bytes], version: int, conditional: bool) -> int:
+        if not conditional:
+            return int(await self.client.unlink(*names))
+        replies = await self._run(*(_script(DELETE_OLDER, name, version) for name in names))
+        return sum(int(r) for r in replies)
+
+    def _event(self, kind: EventKind, key: str, version: int) -> tuple[Any, ...]:
+        return (
+            "XADD", self.feed, "MAXLEN", "~", self._feed_max_length, "*",
+            "o", self.origin, "k", kind, "n", key, "v", version,
+        )  # fmt: skip
+
+    # The feed's bookkeeping
+
+    async def epoch(self, candidate: str) -> str:
+        """The id of Redis's current data set: set once, lost when Redis loses its data."""
+        _, current = await self._run(
+            ("SET", self.epoch_key, candidate, "NX"), ("GET", self.epoch_key)
+        )
+        return str(current.decode() if isinstance(current, bytes) else current)
+
+    async def feed_info(self) -> tuple[str | None, str] | None:
+        """(id of the oldest event still held or None, id of the newest event ever added),
+        or None when the feed does not exist."""
+        (info,) = await self._pipe.execute(("XINFO STREAM", self.feed))
+        if isinstance(info, ResponseError) and "no such key" in str(info):
+            return None
+        if isinstance(info, Exception):
+            raise TierError(f"redis replied with an error: {info}")
+        first = info.get("first-entry")
+        return (first[0].decode() if first else None), info["last-generated-id"].decode()
+
+    async def read_feed(self, after: str, count: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        """Events after id `after`, oldest first (no blocking: for catching up)."""
+        (events,) = await self._run(("XRANGE", self.feed, f"({after}", "+", "COUNT", count))
+        return [(event_id.decode(), fields) for event_id, fields in events or []]
 
     async def server_stats(self) -> dict[str, int]:
         """The server's own counters, as the stats route reports them."""
@@ -135,3 +245,17 @@ class RedisTier:
             "keyspaceHits": int(info.get("keyspace_hits", 0)),
             "keyspaceMisses": int(info.get("keyspace_misses", 0)),
         }
+
+
+_SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (SET_NEWER, DELETE_OLDER)}
+_BODIES = {sha: script for script, sha in _SHAS.items()}
+
+
+def _script(script: str, key: str | bytes, *args: Any) -> tuple[Any, ...]:
+    return ("EVALSHA", _SHAS[script], 1, key, *args)
+
+
+def _with_script_body(command: tuple[Any, ...]) -> tuple[Any, ...]:
+    if command[0] != "EVALSHA":
+        return command
+    return ("EVAL", _BODIES[command[1]], *command[2:])

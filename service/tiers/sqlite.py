@@ -4,6 +4,10 @@ Writes are group-committed: every write and delete that arrives while a transact
 committed waits for the next one, so concurrent writers share one commit instead of queueing
 for one each. A write is acknowledged only after its transaction committed. Reads use their
 own connection, so they never wait behind a commit (WAL lets them run side by side).
+
+The same file holds the journal of changes made while Redis was unusable (written in the
+transaction of the change itself, so it survives a crash) and a little metadata: this
+instance's identity and its position in the invalidation feed.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiosqlite
 import structlog
@@ -29,17 +33,42 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL,
-    expires_at REAL
+    expires_at REAL,
+    version INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_expires_at ON entries (expires_at)
     WHERE expires_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS journal (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    op TEXT NOT NULL CHECK (op IN ('set', 'delete', 'pattern')),
+    key TEXT NOT NULL,
+    value BLOB,
+    expires_at REAL,
+    version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
 _UPSERT = (
-    "INSERT INTO entries (key, value, expires_at) VALUES (?, ?, ?) "
-    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at"
+    "INSERT INTO entries (key, value, expires_at, version) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value, "
+    "expires_at = excluded.expires_at, version = excluded.version"
 )
+_JOURNAL = "INSERT INTO journal (op, key, value, expires_at, version) VALUES (?, ?, ?, ?, ?)"
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
+
+OpKind = Literal["set", "delete", "pattern", "sweep", "forget", "meta", "keep_only_journaled"]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRow:
+    """A change made while Redis was unusable, waiting to be replayed into it."""
+
+    seq: int
+    op: Literal["set", "delete", "pattern"]
+    key: str
+    entry: Entry | None
+    version: int
 
 
 def _new_future() -> asyncio.Future[int]:
@@ -48,9 +77,17 @@ def _new_future() -> asyncio.Future[int]:
 
 @dataclass(slots=True)
 class _Op:
-    kind: Literal["set", "delete", "pattern", "sweep"]
-    key: str
+    kind: OpKind
+    key: str = ""
     entry: Entry | None = None
+    #: For deletes: the version of the delete; with `below`, a conditional delete (only
+    #: entries and journal rows older than `below` go).
+    version: int = 0
+    below: int | None = None
+    journal: bool = False
+    #: False for a journal row alone, whose change was committed by an earlier transaction.
+    apply: bool = True
+    text: str = ""
     done: asyncio.Future[int] = field(default_factory=_new_future)
 
 
@@ -79,14 +116,19 @@ class SqliteTier:
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
         self._pending: list[_Op] = []
+        self._journal_delta = 0
         self._flusher: asyncio.Task[None] | None = None
         self._entries = metrics.tier_entries.labels(self.name)
+        self.journal_pending = 0
 
     async def open(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = await self._connect()
         await self._writer.executescript(SCHEMA)
         self._reader = await self._connect()
+        async with self._reader.execute("SELECT count(*) FROM journal") as cursor:
+            row = await cursor.fetchone()
+        self._set_journal_pending(int(row[0]) if row else 0)
         await self.sweep()
 
     async def _connect(self) -> aiosqlite.Connection:
@@ -110,13 +152,13 @@ class SqliteTier:
     async def get(self, key: str) -> Entry | None:
         try:
             async with self._read().execute(
-                f"SELECT value, expires_at FROM entries WHERE key = ? AND {_LIVE}",
+                f"SELECT value, expires_at, version FROM entries WHERE key = ? AND {_LIVE}",
                 (key, self._clock()),
             ) as cursor:
                 row = await cursor.fetchone()
         except sqlite3.Error as error:
             raise TierError(f"sqlite read failed: {error}") from error
-        return None if row is None else Entry(bytes(row[0]), row[1])
+        return None if row is None else Entry(bytes(row[0]), row[1], row[2])
 
     async def contains(self, key: str) -> bool:
         try:
@@ -135,6 +177,44 @@ class SqliteTier:
         except (sqlite3.Error, TierError):
             return False
 
+    async def journal_batch(self, limit: int = 500) -> list[JournalRow]:
+        """The oldest pending journal rows, in the order they were made."""
+        rows = await self._select(
+            "SELECT seq, op, key, value, expires_at, version FROM journal ORDER BY seq LIMIT ?",
+            (limit,),
+        )
+        return [
+            JournalRow(seq, op, key,
+                       None if value is None else Entry(bytes(value), expires_at, version),
+                       version)
+            for seq, op, key, value, expires_at, version in rows
+        ]  # fmt: skip
+
+    async def journaled_keys(self) -> set[str]:
+        """Keys whose latest local write is still waiting in the journal."""
+        rows = await self._select("SELECT DISTINCT key FROM journal WHERE op = 'set'", ())
+        return {str(row[0]) for row in rows}
+
+    async def get_meta(self, name: str) -> str | None:
+        rows = await self._select("SELECT value FROM meta WHERE name = ?", (name,))
+        return str(rows[0][0]) if rows else None
+
+    async def live_entries(self, after: str, limit: int) -> list[tuple[str, Entry]]:
+        """Live entries in key order after `after`, for walking the whole tier in pages."""
+        rows = await self._select(
+            "SELECT key, value, expires_at, version FROM entries "
+            f"WHERE key > ? AND {_LIVE} ORDER BY key LIMIT ?",
+            (after, self._clock(), limit),
+        )
+        return [(key, Entry(bytes(value), exp, ver)) for key, value, exp, ver in rows]
+
+    async def _select(self, sql: str, args: tuple[object, ...]) -> list[Any]:
+        try:
+            async with self._read().execute(sql, args) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as error:
+            raise TierError(f"sqlite read failed: {error}") from error
+
     def _read(self) -> aiosqlite.Connection:
         if self._reader is None:
             raise TierError("sqlite tier is closed")
@@ -142,14 +222,39 @@ class SqliteTier:
 
     # Writes: queued, then committed together
 
-    async def set(self, key: str, entry: Entry) -> None:
-        await self._submit(_Op("set", key, entry))
+    async def set(self, key: str, entry: Entry, *, journal: bool = False) -> None:
+        await self._submit(_Op("set", key, entry, journal=journal))
 
-    async def delete(self, key: str) -> int:
-        return await self._submit(_Op("delete", key))
+    async def delete(
+        self, key: str, version: int = 0, *, journal: bool = False, below: int | None = None
+    ) -> int:
+        """Delete a key; `journal` records it for replay; `below` deletes only older data."""
+        return await self._submit(_Op("delete", key, version=version, journal=journal, below=below))
 
-    async def delete_pattern(self, pattern: str) -> int:
-        return await self._submit(_Op("pattern", pattern))
+    async def delete_pattern(
+        self, pattern: str, version: int = 0, *, journal: bool = False, below: int | None = None
+    ) -> int:
+        return await self._submit(
+            _Op("pattern", pattern, version=version, journal=journal, below=below)
+        )
+
+    async def journal(
+        self, op: Literal["set", "delete", "pattern"], key: str, entry: Entry | None, version: int
+    ) -> None:
+        """Record a change for replay into Redis on its own (its data change committed already)."""
+        kind: OpKind = op
+        await self._submit(_Op(kind, key, entry, version=version, journal=True, apply=False))
+
+    async def forget_journal(self, up_to_seq: int) -> None:
+        """Drop journal rows up to and including `up_to_seq` (they were replayed)."""
+        await self._submit(_Op("forget", version=up_to_seq))
+
+    async def set_meta(self, name: str, value: str) -> None:
+        await self._submit(_Op("meta", name, text=value))
+
+    async def keep_only_journaled(self) -> int:
+        """Drop every entry except those a pending journal row wrote; returns how many went."""
+        return await self._submit(_Op("keep_only_journaled"))
 
     async def _submit(self, op: _Op) -> int:
         if self._writer is None:
@@ -172,6 +277,7 @@ class SqliteTier:
         assert self._writer is not None
         conn = self._writer
         results: list[int] = []
+        self._journal_delta = 0
         try:
             await conn.execute("BEGIN IMMEDIATE")
             try:
@@ -188,46 +294,113 @@ class SqliteTier:
                 if not op.done.done():
                     op.done.set_exception(TierError(f"sqlite write failed: {error}"))
             return
+        self._set_journal_pending(self.journal_pending + self._journal_delta)
         for op, count in zip(batch, results, strict=True):
             if not op.done.done():
                 op.done.set_result(count)
 
+    def _set_journal_pending(self, rows: int) -> None:
+        self.journal_pending = rows
+        self._metrics.journal_pending.set(rows)
+
     async def _apply(self, conn: aiosqlite.Connection, run: Sequence[_Op]) -> list[int]:
-        """Run consecutive operations of one kind; returns rows changed for each."""
+        """Run consecutive operations of one kind; returns a count for each."""
         kind = run[0].kind
         if kind == "set":
-            rows = [(op.key, op.entry.raw, op.entry.expires_at) for op in run if op.entry]
-            await conn.executemany(_UPSERT, rows)
+            rows = [(op.key, op.entry.raw, op.entry.expires_at, op.entry.version)
+                    for op in run if op.entry and op.apply]  # fmt: skip
+            if rows:
+                await conn.executemany(_UPSERT, rows)
+            await self._write_journal(conn, run)
             return [1] * len(run)
-        counts = []
-        for op in run:
-            if kind == "delete":
-                cursor = await conn.execute("DELETE FROM entries WHERE key = ?", (op.key,))
-                counts.append(max(0, cursor.rowcount))
-            elif kind == "pattern":
-                counts.append(await self._delete_matching(conn, op.key))
-            else:
-                cursor = await conn.execute(
-                    "DELETE FROM entries WHERE expires_at IS NOT NULL AND expires_at <= ?",
-                    (self._clock(),),
-                )
-                counts.append(max(0, cursor.rowcount))
-        return counts
+        return [await self._apply_one(conn, op) for op in run]
 
-    async def _delete_matching(self, conn: aiosqlite.Connection, pattern: str) -> int:
+    async def _apply_one(self, conn: aiosqlite.Connection, op: _Op) -> int:
+        if not op.apply:
+            await self._write_journal(conn, [op])
+            return 0
+        if op.kind == "delete":
+            count = await self._delete_key(conn, op.key, op.below)
+        elif op.kind == "pattern":
+            count = await self._delete_matching(conn, op.key, op.below)
+        elif op.kind == "sweep":
+            cursor = await conn.execute(
+                "DELETE FROM entries WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (self._clock(),),
+            )
+            count = max(0, cursor.rowcount)
+        elif op.kind == "forget":
+            cursor = await conn.execute("DELETE FROM journal WHERE seq <= ?", (op.version,))
+            self._journal_delta -= max(0, cursor.rowcount)
+            count = max(0, cursor.rowcount)
+        elif op.kind == "meta":
+            await conn.execute(
+                "INSERT INTO meta (name, value) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (op.key, op.text),
+            )
+            count = 1
+        else:
+            cursor = await conn.execute(
+                "DELETE FROM entries WHERE key NOT IN (SELECT key FROM journal WHERE op = 'set')"
+            )
+            count = max(0, cursor.rowcount)
+        await self._write_journal(conn, [op])
+        return count
+
+    async def _write_journal(self, conn: aiosqlite.Connection, ops: Sequence[_Op]) -> None:
+        rows = [
+            (op.kind, op.key, op.entry.raw if op.entry else None,
+             op.entry.expires_at if op.entry else None,
+             op.entry.version if op.entry else op.version)
+            for op in ops
+            if op.journal
+        ]  # fmt: skip
+        if rows:
+            await conn.executemany(_JOURNAL, rows)
+            self._journal_delta += len(rows)
+
+    async def _delete_key(self, conn: aiosqlite.Connection, key: str, below: int | None) -> int:
+        if below is None:
+            cursor = await conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+            return max(0, cursor.rowcount)
+        cursor = await conn.execute(
+            "DELETE FROM entries WHERE key = ? AND version < ?", (key, below)
+        )
+        count = max(0, cursor.rowcount)
+        # Journal rows this newer change supersedes must not be replayed over it.
+        dropped = await conn.execute(
+            "DELETE FROM journal WHERE op != 'pattern' AND key = ? AND version < ?", (key, below)
+        )
+        self._journal_delta -= max(0, dropped.rowcount)
+        return count
+
+    async def _delete_matching(
+        self, conn: aiosqlite.Connection, pattern: str, below: int | None
+    ) -> int:
         # The literal prefix bounds a range scan on the primary key, so the cost grows with
         # the keys under that prefix, not with the whole table.
         prefix = literal_prefix(pattern)
         upper = prefix_upper_bound(prefix)
-        where, args = "redis_match(?, key)", [pattern]
+        where = "redis_match(?, key)"
+        args: list[object] = [pattern]
         if prefix:
             where += " AND key >= ?"
             args.append(prefix)
         if upper is not None:
             where += " AND key < ?"
             args.append(upper)
+        if below is not None:
+            where += " AND version < ?"
+            args.append(below)
         cursor = await conn.execute(f"DELETE FROM entries WHERE {where}", args)
-        return max(0, cursor.rowcount)
+        count = max(0, cursor.rowcount)
+        if below is not None:
+            dropped = await conn.execute(
+                f"DELETE FROM journal WHERE op != 'pattern' AND {where}", args
+            )
+            self._journal_delta -= max(0, dropped.rowcount)
+        return count
 
     async def sweep(self) -> int:
         """Delete expired rows (through the write queue); returns how many."""

@@ -78,7 +78,7 @@ async def test_keys_of_every_shape(
     body = await (await client.get(path(key))).json()
     assert body["value"] == key
     # Operators find the key in Redis under the prefix, exactly as written.
-    assert await redis_client.get(f"cache:{key}") == f'"{key}"'.encode()
+    assert await redis_client.hget(f"cache:{key}", "val") == f'"{key}"'.encode()
     assert (await client.head(path(key))).status == 200
 
 

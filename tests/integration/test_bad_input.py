@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import sqlite3
 from typing import Any
@@ -41,7 +42,7 @@ async def assert_unchanged(client: TestClient[Any, Any], redis_server: RedisProc
     assert body["value"] == "original"
     r = aioredis.Redis.from_url(redis_server.url)
     try:
-        assert sorted(await r.keys("*")) == [b"cache:existing"]
+        assert sorted(await r.keys("cache:*")) == [b"cache:existing"]
     finally:
         await r.aclose()
     assert len(client.server.app[memory_key]) == 1
@@ -148,9 +149,11 @@ async def test_a_write_sqlite_refuses_is_503_and_no_tier_holds_it(
     )
     assert (await client.post(API, json={"key": "existing", "value": "original"})).status == 200
 
-    locker = sqlite3.connect(db_path, isolation_level=None)
+    # check_same_thread=False: the lock is taken off the event loop, which must stay free to
+    # let the service finish a transaction it may have in flight.
+    locker = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
     try:
-        locker.execute("BEGIN EXCLUSIVE")
+        await asyncio.to_thread(locker.execute, "BEGIN EXCLUSIVE")
         for key in ("existing", "fresh"):
             response = await client.post(API, json={"key": key, "value": "new"})
             await assert_error(response, 503, "nothing changed")

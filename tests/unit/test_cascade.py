@@ -14,10 +14,11 @@ from service.cascade import Cascade
 from service.errors import WriteRejected
 from service.metrics import Metrics
 from service.mode import Mode
-from service.tiers.base import Entry, TierError
+from service.tiers.base import TierError
 from service.tiers.memory import MemoryTier
 from service.tiers.redis import RedisTier
 from service.tiers.sqlite import SqliteTier
+from service.versions import VersionClock
 
 
 @dataclass
@@ -44,7 +45,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     database = SqliteTier(metrics, tmp_path / "c.db")
     await database.open()
     mode.redis_recovered("test")
-    cascade = Cascade(redis, memory, database, mode, metrics)
+    cascade = Cascade(redis, memory, database, mode, metrics, VersionClock())
     yield World(cascade, redis, server, memory, database, mode, metrics)
     await cascade.drain()
     await database.close()
@@ -64,14 +65,14 @@ async def test_write_goes_to_all_three_tiers(world: World) -> None:
 
 async def test_read_falls_through_and_promotes(world: World) -> None:
     await world.cascade.set("k", b"1", None)
-    await world.redis.delete("k")
+    await world.redis.client.unlink("cache:k")
     hit = await world.cascade.get("k")
     assert hit is not None
     assert hit.tier == "memory"
     await world.cascade.drain()
     assert await world.redis.get("k") is not None
 
-    await world.redis.delete("k")
+    await world.redis.client.unlink("cache:k")
     world.memory.delete("k")
     hit = await world.cascade.get("k")
     assert hit is not None
@@ -118,13 +119,15 @@ async def test_degraded_mode_never_touches_redis(world: World) -> None:
 async def test_sqlite_refusal_rejects_the_write_everywhere(world: World) -> None:
     await world.cascade.set("k", b"old", None)
 
-    async def refuse(*_: object) -> None:
+    async def refuse(*_: object, **__: object) -> None:
         raise TierError("disk full")
 
     world.database.set = refuse  # type: ignore[assignment,method-assign]
     with pytest.raises(WriteRejected):
         await world.cascade.set("k", b"new", None)
-    assert world.memory.get("k") == Entry(b"old", None)
+    kept = world.memory.get("k")
+    assert kept is not None
+    assert kept.raw == b"old"
     redis_entry = await world.redis.get("k")
     assert redis_entry is not None
     assert redis_entry.raw == b"old"
@@ -133,7 +136,7 @@ async def test_sqlite_refusal_rejects_the_write_everywhere(world: World) -> None
 async def test_delete_pattern_counts_per_tier(world: World) -> None:
     for key in ("a:1", "a:2", "b:1"):
         await world.cascade.set(key, b"1", None)
-    await world.redis.delete("a:2")
+    await world.redis.client.unlink("cache:a:2")
     assert await world.cascade.delete_pattern("a:*") == {"redis": 1, "memory": 2, "database": 2}
     assert await world.cascade.get("a:1") is None
     assert await world.cascade.get("b:1") is not None
@@ -141,7 +144,7 @@ async def test_delete_pattern_counts_per_tier(world: World) -> None:
 
 async def test_promotion_is_skipped_while_degraded(world: World) -> None:
     await world.cascade.set("k", b"1", None)
-    await world.redis.delete("k")
+    await world.redis.client.unlink("cache:k")
     world.mode.redis_failed("test")
     await world.cascade.get("k")
     await asyncio.sleep(0)
