@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -131,9 +132,58 @@ def redis_process(*extra_args: str) -> Iterator[RedisProcess]:
         server.stop()
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+class ServiceProcess:
+    """`python -m service` as a child process on a free port, configured by environment."""
+
+    def __init__(self, workdir: Path, **settings: str) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.log = workdir / f"service-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+            "HTTP_HOST": "127.0.0.1",
+            "HTTP_PORT": str(self.port),
+            "CACHE_DB_PATH": str(workdir / "cache.db"),
+            "HEALTH_INTERVAL_SECONDS": "0.2",
+            "RECONNECT_BACKOFF_BASE_SECONDS": "0.05",
+            "RECONNECT_BACKOFF_CAP_SECONDS": "0.5",
+            "LOG_FORMAT": "json",
+            **settings,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        with self.log.open("ab") as out:
+            # cwd is the test's own directory: no developer .env is read.
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "service"],
+                cwd=self.workdir, env=self.env, stdout=out, stderr=out,
+            )  # fmt: skip
+        try:
+            wait_for_port(self.port, timeout=15)
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(f"service did not start:\n{self.log.read_text()[-3000:]}") from None
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, no goodbye; what is on disk is what survives."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
