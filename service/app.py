@@ -65,16 +65,16 @@ def create_app(settings: Settings) -> web.Application:
     app[memory_key] = memory
     app[sqlite_key] = sqlite
     versions = VersionClock()
-    app[cascade_key] = Cascade(
+    cascade = Cascade(
         redis, memory, sqlite, mode, metrics, versions,
         near_cache=settings.cache_read_mode == "near",
     )  # fmt: skip
+    app[cascade_key] = cascade
     # A blocking XREAD waits up to FEED_BLOCK_MILLISECONDS: its socket must wait longer.
     feed_timeout = FEED_BLOCK_MILLISECONDS / 1000 + settings.redis_socket_timeout_seconds
     coherence = Coherence(
-        redis, memory, sqlite, mode, versions, metrics,
-        make_client(settings, feed_timeout, pool_size=1),
-    )  # fmt: skip
+        cascade, versions, metrics, make_client(settings, feed_timeout, pool_size=1)
+    )
     app[coherence_key] = coherence
 
     app.cleanup_ctx.append(sqlite_ctx)

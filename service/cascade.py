@@ -19,6 +19,7 @@ from typing import Literal
 import structlog
 
 from service.errors import WriteRejected
+from service.glob import compile_pattern
 from service.metrics import Metrics
 from service.mode import Mode
 from service.tiers.base import Entry, TierError
@@ -28,6 +29,12 @@ from service.tiers.sqlite import SqliteTier
 from service.versions import VersionClock
 
 log = structlog.get_logger("tiercache.cascade")
+
+#: How long a promotion is remembered, to be undone if a delete made elsewhere shows up late:
+#: well beyond the feed's propagation window.
+PROMOTION_MEMORY_SECONDS = 5.0
+#: Above this many remembered promotions, forget those older than the memory above.
+PROMOTIONS_TRACKED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +68,8 @@ class Cascade:
         self.near_cache = near_cache
         self._clock = clock
         self._background: set[asyncio.Task[None]] = set()
+        #: Recent promotions into Redis: key -> (version, monotonic time, task).
+        self._promoted: dict[str, tuple[int, float, asyncio.Task[None]]] = {}
         self._hits = {t: metrics.tier_hits.labels(t) for t in ("redis", "memory", "database")}
         self._misses = {t: metrics.tier_misses.labels(t) for t in ("redis", "memory", "database")}
         self._errors = {t: metrics.tier_errors.labels(t) for t in ("redis", "memory", "database")}
@@ -155,6 +164,7 @@ class Cascade:
             lambda version, journal: self.database.delete(key, version, journal=journal),
             lambda: self.memory.delete(key),
             lambda version: self.redis.delete(key, version),
+            key.__eq__,
         )
 
     async def delete_pattern(self, pattern: str) -> dict[str, int]:
@@ -166,6 +176,7 @@ class Cascade:
             ),
             lambda: self.memory.delete_pattern(pattern),
             lambda version: self.redis.delete_pattern(pattern, version),
+            compile_pattern(pattern),
         )
 
     async def _delete_everywhere(
@@ -175,6 +186,7 @@ class Cascade:
         in_database: Callable[[int, bool], Awaitable[int]],
         in_memory: Callable[[], int],
         in_redis: Callable[[int], Awaitable[int]],
+        matches: Callable[[str], bool],
     ) -> dict[str, int]:
         # SQLite first: if the durable tier refuses, nothing is deleted anywhere and the
         # client is told, rather than a value coming back from SQLite after a restart.
@@ -192,6 +204,8 @@ class Cascade:
             except TierError as error:
                 self._redis_failed(error)
                 await self._journal(op, target, None, version)
+            else:
+                await self.undo_promotions(matches, version)
         elif not journaled:
             await self._journal(op, target, None, version)
         return {"redis": redis, "memory": memory, "database": database}
@@ -239,6 +253,29 @@ class Cascade:
         task = asyncio.create_task(self._promote(key, entry))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        now = time.monotonic()
+        self._promoted[key] = (entry.version, now, task)
+        if len(self._promoted) > PROMOTIONS_TRACKED:
+            self._promoted = {
+                k: p for k, p in self._promoted.items() if now - p[1] < PROMOTION_MEMORY_SECONDS
+            }
+
+    async def undo_promotions(self, matches: Callable[[str], bool], version: int) -> None:
+        """Another instance deleted keys at `version`: take back any older copy this instance
+        promoted into Redis shortly before it heard of the delete, so none is resurrected."""
+        now = time.monotonic()
+        doomed = [
+            (key, task)
+            for key, (promoted, at, task) in self._promoted.items()
+            if promoted < version and now - at < PROMOTION_MEMORY_SECONDS and matches(key)
+        ]
+        for key, task in doomed:
+            del self._promoted[key]
+            await asyncio.gather(task, return_exceptions=True)  # it must land before the undo
+            try:
+                await self.redis.delete(key, version, announce=False)
+            except TierError as error:
+                self._redis_failed(error)
 
     async def _promote(self, key: str, entry: Entry) -> None:
         try:

@@ -17,18 +17,18 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Awaitable
 from typing import Any
 
 import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from service.cascade import Cascade
+from service.glob import compile_pattern
 from service.metrics import Metrics
-from service.mode import Mode
 from service.tiers.base import TierError
-from service.tiers.memory import MemoryTier
-from service.tiers.redis import RedisTier
-from service.tiers.sqlite import JournalRow, SqliteTier
+from service.tiers.sqlite import JournalRow
 from service.versions import VersionClock
 
 log = structlog.get_logger("tiercache.coherence")
@@ -56,17 +56,16 @@ class Coherence:
 
     def __init__(
         self,
-        redis: RedisTier,
-        memory: MemoryTier,
-        database: SqliteTier,
-        mode: Mode,
+        cascade: Cascade,
         versions: VersionClock,
         metrics: Metrics,
         feed_client: Redis,
     ) -> None:
-        self._redis = redis
-        self._memory = memory
-        self._database = database
+        self._cascade = cascade
+        self._redis = cascade.redis
+        self._memory = cascade.memory
+        self._database = cascade.database
+        mode = cascade.mode
         self._mode = mode
         self._versions = versions
         self._metrics = metrics
@@ -194,7 +193,7 @@ class Coherence:
 
     async def _apply(self, events: list[tuple[str, dict[bytes, bytes]]]) -> None:
         """Drop local data that other instances' newer changes superseded."""
-        work = []
+        work: list[Awaitable[object]] = []
         for event_id, fields in events:
             if _id(event_id) <= _id(self.position):
                 continue
@@ -209,9 +208,12 @@ class Coherence:
             if kind == "pattern":
                 self._memory.delete_pattern(target, below=version)
                 work.append(self._database.delete_pattern(target, below=version))
+                work.append(self._cascade.undo_promotions(compile_pattern(target), version))
             else:
                 self._memory.invalidate(target, version)
                 work.append(self._database.delete(target, below=version))
+                if kind == "delete":
+                    work.append(self._cascade.undo_promotions(target.__eq__, version))
         if events:
             self._metrics.feed_lag.set(max(0.0, time.time() - _id(events[-1][0])[0] / 1000))
         await asyncio.gather(*work)

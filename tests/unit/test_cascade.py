@@ -150,3 +150,30 @@ async def test_promotion_is_skipped_while_degraded(world: World) -> None:
     await asyncio.sleep(0)
     world.mode.redis_recovered("test")
     assert await world.redis.get("k") is None
+
+
+async def test_redis_keeps_the_newest_version_whatever_the_arrival_order(world: World) -> None:
+    older, newer = Entry(b"old", None, 100), Entry(b"new", None, 200)
+    assert await world.redis.set("k", newer)
+    assert not await world.redis.set("k", older, announce=False)  # e.g. a late promotion
+    held = await world.redis.get("k")
+    assert held == Entry(b"new", None, 200)
+    assert await world.redis.delete("k", 150) == 0  # an older delete leaves it
+    assert await world.redis.delete("k", 250) == 1
+
+
+async def test_a_late_delete_takes_back_an_earlier_promotion(world: World) -> None:
+    """A promotion racing a delete made elsewhere must not leave the value in Redis."""
+    await world.cascade.set("k", b"v", None)
+    await world.redis.client.unlink("cache:k")
+    hit = await world.cascade.get("k")  # from memory: promoted in the background
+    assert hit is not None
+    assert hit.tier == "memory"
+    deleted_at = world.cascade.versions.next()  # another instance's delete, heard late
+    await world.cascade.undo_promotions("k".__eq__, deleted_at)
+    assert await world.redis.get("k") is None
+    # A promotion newer than the delete is left alone.
+    await world.cascade.get("k")
+    await world.cascade.undo_promotions("k".__eq__, 1)
+    await world.cascade.drain()
+    assert await world.redis.get("k") is not None
