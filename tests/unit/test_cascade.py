@@ -14,7 +14,7 @@ from service.cascade import Cascade
 from service.errors import WriteRejected
 from service.metrics import Metrics
 from service.mode import Mode
-from service.tiers.base import TierError
+from service.tiers.base import Entry, TierError
 from service.tiers.memory import MemoryTier
 from service.tiers.redis import RedisTier
 from service.tiers.sqlite import SqliteTier
