@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 
 import structlog
@@ -11,6 +12,13 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.logging import configure_logging
 from service.settings import Settings, describe_error
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def main() -> None:
@@ -28,6 +36,12 @@ def main() -> None:
         sqlite=str(settings.cache_db_path),
         key_prefix=settings.cache_key_prefix,
     )
+    if not (settings.cache_api_token or settings.cache_write_token or settings.cache_read_token):
+        log.warning(
+            "no CACHE_API_TOKEN set: the API is open to every client that can reach it",
+            http_host=settings.http_host,
+            loopback_only=_is_loopback(settings.http_host),
+        )
     try:
         import uvloop
     except ImportError:  # optional: the stock loop works, only slower

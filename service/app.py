@@ -25,6 +25,7 @@ from service.keys import (
 from service.metrics import Metrics
 from service.mode import Mode
 from service.routes import setup_routes, timing_middleware
+from service.security import auth_middleware, rate_limit_middleware
 from service.settings import Settings
 from service.tiers.memory import MemoryTier
 from service.tiers.redis import RedisTier, make_client
@@ -37,8 +38,9 @@ BODY_OVERHEAD_BYTES = 64 * 1024
 
 
 def create_app(settings: Settings) -> web.Application:
+    guards = [auth_middleware(settings), rate_limit_middleware(settings)]
     app = web.Application(
-        middlewares=[error_middleware, timing_middleware],
+        middlewares=[error_middleware, timing_middleware, *(g for g in guards if g)],
         client_max_size=2 * settings.cache_max_value_bytes + BODY_OVERHEAD_BYTES,
     )
     metrics = Metrics()

@@ -167,17 +167,21 @@ class Cascade:
             key.__eq__,
         )
 
-    async def delete_pattern(self, pattern: str) -> dict[str, int]:
-        return await self._delete_everywhere(
+    async def delete_pattern(
+        self, pattern: str, limit: int | None = None
+    ) -> tuple[dict[str, int], bool]:
+        """Delete matching keys, at most `limit` per tier; also says whether all went."""
+        counts = await self._delete_everywhere(
             "pattern",
             pattern,
             lambda version, journal: self.database.delete_pattern(
-                pattern, version, journal=journal
+                pattern, version, journal=journal, limit=limit
             ),
-            lambda: self.memory.delete_pattern(pattern),
-            lambda version: self.redis.delete_pattern(pattern, version),
+            lambda: self.memory.delete_pattern(pattern, limit=limit),
+            lambda version: self.redis.delete_pattern(pattern, version, limit=limit),
             compile_pattern(pattern),
         )
+        return counts, limit is None or max(counts.values()) < limit
 
     async def _delete_everywhere(
         self,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -130,15 +131,20 @@ async def delete(request: web.Request) -> web.Response:
     target = _key(request)
     cascade = request.app[cascade_key]
     if glob.is_pattern(target):
-        deleted = await cascade.delete_pattern(target)
-        op = "delete_pattern"
-    else:
-        key = glob.unescape(target)
-        if key == STATS_KEY:
-            raise BadRequest(f"the key {STATS_KEY!r} is reserved for the stats route")
-        deleted = await cascade.delete(key)
-        op = "delete"
-    _count(op, "ok", request)
+        if target.strip("*") == "" and request.query.get("confirm") != "all":
+            raise BadRequest(
+                f"the pattern {target!r} matches every key; add ?confirm=all to mean it"
+            )
+        deleted, complete = await cascade.delete_pattern(
+            target, request.app[settings_key].cache_max_pattern_delete_keys
+        )
+        _count("delete_pattern", "ok", request)
+        return _json({"success": True, "deleted": deleted, "complete": complete})
+    key = glob.unescape(target)
+    if key == STATS_KEY:
+        raise BadRequest(f"the key {STATS_KEY!r} is reserved for the stats route")
+    deleted = await cascade.delete(key)
+    _count("delete", "ok", request)
     return _json({"success": True, "deleted": deleted})
 
 
@@ -154,6 +160,15 @@ async def ready(request: web.Request) -> web.Response:
     if not await request.app[cascade_key].database.ready():
         return _json({"ready": False, "mode": mode.name, "reason": "sqlite unavailable"}, 503)
     return _json({"ready": True, "mode": mode.name})
+
+
+OPENAPI_DOCUMENT = Path(__file__).with_name("openapi.json")
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI 3 document of this API (service/openapi.json)."""
+    return web.Response(body=OPENAPI_DOCUMENT.read_bytes(), content_type="application/json")
 
 
 def setup_routes(app: web.Application) -> None:

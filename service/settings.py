@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     # HTTP
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
+    # Access: a token for everything, or separate read and write tokens (write implies read).
+    cache_api_token: SecretStr | None = None
+    cache_read_token: SecretStr | None = None
+    cache_write_token: SecretStr | None = None
+    rate_limit_per_second: float | None = Field(None, gt=0)
+    rate_limit_burst: int | None = Field(None, ge=1)
 
     # Cache
     cache_db_path: Path = Path("data/cache.db")
@@ -60,6 +66,7 @@ class Settings(BaseSettings):
     cache_read_mode: Literal["cascade", "near"] = "cascade"
     cache_default_ttl_seconds: int | None = Field(None, gt=0)
     cache_max_value_bytes: int = Field(1 * MiB, gt=0)
+    cache_max_pattern_delete_keys: int = Field(1_000_000, ge=1)
     memory_max_entries: int = Field(100_000, gt=0)
     memory_max_bytes: int = Field(64 * MiB, gt=0)
     sqlite_sweep_interval_seconds: float = Field(60.0, gt=0)
@@ -112,7 +119,9 @@ class Settings(BaseSettings):
         return f"redis://{self.redis_host}:{self.redis_port}/{self.redis_db}"
 
 
-_SECRET_NAMES = {"REDIS_URL", "REDIS_PASSWORD"}
+_SECRET_NAMES = {
+    "REDIS_URL", "REDIS_PASSWORD", "CACHE_API_TOKEN", "CACHE_READ_TOKEN", "CACHE_WRITE_TOKEN",
+}  # fmt: skip
 
 
 def describe_error(error: ValidationError) -> str:

@@ -50,12 +50,13 @@ def wait_for_port(port: int, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
 
 
 def redis_ping(port: int, timeout: float = 0.5) -> bool:
-    """True when a Redis server on the port answers PING with PONG."""
+    """True when a Redis server on the port answers PING."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout) as sock:
             sock.settimeout(timeout)
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            # A server that wants a password is up all the same.
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -91,6 +92,7 @@ class RedisProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
             if time.monotonic() > deadline:
+                self.kill()
                 raise TimeoutError(f"redis-server on {self.port} did not answer PING")
             time.sleep(0.02)
         return self

@@ -102,14 +102,16 @@ class MemoryTier:
             return 0
         return self.delete(key)
 
-    def delete_pattern(self, pattern: str, below: int | None = None) -> int:
-        """Drop matching entries (only those older than version `below`, when given)."""
+    def delete_pattern(
+        self, pattern: str, below: int | None = None, limit: int | None = None
+    ) -> int:
+        """Drop matching entries (only those older than version `below`, at most `limit`)."""
         matches = compile_pattern(pattern)
         doomed = [
             key
             for key, entry in list(self._cache.items())
             if matches(key) and (below is None or entry.version < below)
-        ]
+        ][:limit]
         for key in doomed:
             self._cache.pop(key, None)
         self._publish()

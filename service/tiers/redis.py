@@ -172,18 +172,26 @@ class RedisTier:
         return int(replies[0])
 
     async def delete_pattern(
-        self, pattern: str, version: int, *, conditional: bool = False, announce: bool = True
+        self,
+        pattern: str,
+        version: int,
+        *,
+        conditional: bool = False,
+        announce: bool = True,
+        limit: int | None = None,
     ) -> int:
         """SCAN MATCH inside the prefix and delete in batches; never KEYS.
 
         `conditional` keeps keys holding a version at or above `version` (for replaying an
-        old delete); otherwise matches go with batched UNLINK.
+        old delete); otherwise matches go with batched UNLINK. Stops after `limit` keys.
         """
         match = escape(self.prefix) + pattern
         deleted = 0
         batch: list[bytes] = []
         try:
             async for name in self.client.scan_iter(match=match, count=SCAN_BATCH):
+                if limit is not None and deleted + len(batch) >= limit:
+                    break
                 batch.append(name)
                 if len(batch) >= SCAN_BATCH:
                     deleted += await self._delete_names(batch, version, conditional)

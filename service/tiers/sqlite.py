@@ -84,6 +84,8 @@ class _Op:
     #: entries and journal rows older than `below` go).
     version: int = 0
     below: int | None = None
+    #: For pattern deletes: delete at most this many entries.
+    limit: int | None = None
     journal: bool = False
     #: False for a journal row alone, whose change was committed by an earlier transaction.
     apply: bool = True
@@ -232,10 +234,16 @@ class SqliteTier:
         return await self._submit(_Op("delete", key, version=version, journal=journal, below=below))
 
     async def delete_pattern(
-        self, pattern: str, version: int = 0, *, journal: bool = False, below: int | None = None
+        self,
+        pattern: str,
+        version: int = 0,
+        *,
+        journal: bool = False,
+        below: int | None = None,
+        limit: int | None = None,
     ) -> int:
         return await self._submit(
-            _Op("pattern", pattern, version=version, journal=journal, below=below)
+            _Op("pattern", pattern, version=version, journal=journal, below=below, limit=limit)
         )
 
     async def journal(
@@ -322,7 +330,7 @@ class SqliteTier:
         if op.kind == "delete":
             count = await self._delete_key(conn, op.key, op.below)
         elif op.kind == "pattern":
-            count = await self._delete_matching(conn, op.key, op.below)
+            count = await self._delete_matching(conn, op.key, op.below, op.limit)
         elif op.kind == "sweep":
             cursor = await conn.execute(
                 "DELETE FROM entries WHERE expires_at IS NOT NULL AND expires_at <= ?",
@@ -376,7 +384,7 @@ class SqliteTier:
         return count
 
     async def _delete_matching(
-        self, conn: aiosqlite.Connection, pattern: str, below: int | None
+        self, conn: aiosqlite.Connection, pattern: str, below: int | None, limit: int | None
     ) -> int:
         # The literal prefix bounds a range scan on the primary key, so the cost grows with
         # the keys under that prefix, not with the whole table.
@@ -393,7 +401,13 @@ class SqliteTier:
         if below is not None:
             where += " AND version < ?"
             args.append(below)
-        cursor = await conn.execute(f"DELETE FROM entries WHERE {where}", args)
+        if limit is None:
+            cursor = await conn.execute(f"DELETE FROM entries WHERE {where}", args)
+        else:
+            cursor = await conn.execute(
+                f"DELETE FROM entries WHERE key IN (SELECT key FROM entries WHERE {where} LIMIT ?)",
+                [*args, limit],
+            )
         count = max(0, cursor.rowcount)
         if below is not None:
             dropped = await conn.execute(
