@@ -18,7 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RedisUrl = Annotated[AnyUrl, UrlConstraints(allowed_schemes=["redis", "rediss", "unix"])]
 
@@ -46,6 +46,16 @@ class Settings(BaseSettings):
     redis_port: int = Field(6379, ge=1, le=65535)
     redis_password: SecretStr = SecretStr("")
     redis_db: int = Field(0, ge=0)
+    redis_username: str | None = None
+    # Sentinel: comma-separated host:port of the sentinels, and the master's name.
+    redis_sentinels: Annotated[list[tuple[str, int]], NoDecode] = []
+    redis_sentinel_master: str = "mymaster"
+    redis_sentinel_password: SecretStr | None = None
+    # TLS (rediss:// URLs, or Sentinel with REDIS_TLS=true): CA and optional client cert.
+    redis_tls: bool = False
+    redis_tls_ca_file: Path | None = None
+    redis_tls_cert_file: Path | None = None
+    redis_tls_key_file: Path | None = None
     redis_socket_timeout_seconds: float = Field(0.25, gt=0, le=30)
     redis_connect_timeout_seconds: float = Field(0.25, gt=0, le=30)
     redis_pool_size: int = Field(32, ge=1, le=10_000)
@@ -85,6 +95,20 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 
+    @field_validator("redis_sentinels", mode="before")
+    @classmethod
+    def _parse_addresses(cls, value: object) -> object:
+        """`host:port,host:port` as in the environment, or already a list."""
+        if not isinstance(value, str):
+            return value
+        addresses = []
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            host, sep, port = item.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {item!r}")
+            addresses.append((host.strip("[]"), int(port)))
+        return addresses
+
     @field_validator("cache_key_prefix")
     @classmethod
     def _prefix_clear_of_internal_keys(cls, prefix: str) -> str:
@@ -106,11 +130,34 @@ class Settings(BaseSettings):
         if self.redis_url is not None:
             return str(self.redis_url)
         password = self.redis_password.get_secret_value()
-        auth = f":{quote(password, safe='')}@" if password else ""
+        user = quote(self.redis_username or "", safe="")
+        auth = f"{user}:{quote(password, safe='')}@" if password else ""
         return f"redis://{auth}{self.redis_host}:{self.redis_port}/{self.redis_db}"
+
+    def redis_tls_options(self) -> dict[str, object]:
+        """redis-py connection options for TLS (empty when TLS is off)."""
+        tls = self.redis_tls or (self.redis_url is not None and self.redis_url.scheme == "rediss")
+        if not tls:
+            return {}
+        options: dict[str, object] = {"ssl_cert_reqs": "required"}
+        if self.redis_sentinels:
+            options["ssl"] = True
+        for option, path in (("ssl_ca_certs", self.redis_tls_ca_file),
+                             ("ssl_certfile", self.redis_tls_cert_file),
+                             ("ssl_keyfile", self.redis_tls_key_file)):  # fmt: skip
+            if path is not None:
+                options[option] = str(path)
+        return options
+
+    def redis_sentinel_password_value(self) -> str | None:
+        secret = self.redis_sentinel_password
+        return secret.get_secret_value() if secret is not None else None
 
     def redis_display(self) -> str:
         """Where Redis is, fit for a log line: no password."""
+        if self.redis_sentinels:
+            where = ",".join(f"{host}:{port}" for host, port in self.redis_sentinels)
+            return f"sentinel://{where}/{self.redis_sentinel_master}"
         if self.redis_url is not None:
             url = self.redis_url
             if url.scheme == "unix":

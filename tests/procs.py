@@ -74,10 +74,9 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisProcess:
-        binary = require_binary("redis-server")
-        args = [
-            binary,
+    def command(self) -> list[str]:
+        return [
+            require_binary("redis-server"),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--save", "",
@@ -86,7 +85,11 @@ class RedisProcess:
             "--protected-mode", "no",
             *self.extra_args,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self) -> RedisProcess:
+        self.proc = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         while not redis_ping(self.port):
             if self.proc.poll() is not None:
@@ -122,6 +125,28 @@ class RedisProcess:
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SentinelProcess(RedisProcess):
+    """A Redis Sentinel (`redis-server --sentinel`, the same binary as redis-sentinel)
+    watching one master, with failure detection tuned for tests (1 s)."""
+
+    def __init__(self, master_port: int, master_name: str = "mymaster", quorum: int = 2) -> None:
+        super().__init__()
+        self.config = self.dir / "sentinel.conf"
+        self.config.write_text(
+            f"port {self.port}\n"
+            "bind 127.0.0.1\n"
+            "protected-mode no\n"
+            f"dir {self.dir}\n"
+            f"sentinel monitor {master_name} 127.0.0.1 {master_port} {quorum}\n"
+            f"sentinel down-after-milliseconds {master_name} 1000\n"
+            f"sentinel failover-timeout {master_name} 4000\n"
+            f"sentinel parallel-syncs {master_name} 1\n"
+        )
+
+    def command(self) -> list[str]:
+        return [require_binary("redis-server"), str(self.config), "--sentinel"]
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
@@ -71,17 +72,50 @@ EventKind = Literal["set", "delete", "pattern"]
 
 
 def make_client(settings: Settings, socket_timeout: float, pool_size: int) -> Redis:
-    """A redis-py asyncio client with bounded pool, short timeouts and no retries."""
+    """A redis-py asyncio client for the configured topology: bounded pool, short timeouts,
+    no retries. The client owns its pool (and sentinel connections): aclose() closes all."""
+    common: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": settings.redis_connect_timeout_seconds,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+        **settings.redis_tls_options(),
+    }
+    if settings.redis_sentinels:
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            settings.redis_sentinels,
+            sentinel_kwargs={
+                "socket_timeout": socket_timeout,
+                "socket_connect_timeout": settings.redis_connect_timeout_seconds,
+                "password": settings.redis_sentinel_password_value(),
+            },
+            username=settings.redis_username,
+            password=settings.redis_password.get_secret_value() or None,
+            db=settings.redis_db,
+            max_connections=pool_size,
+            **common,
+        )
+        client: _SentinelClient = sentinel.master_for(
+            settings.redis_sentinel_master, redis_class=_SentinelClient
+        )
+        client.sentinel_manager = sentinel
+        return client
     pool = BlockingConnectionPool.from_url(
-        settings.redis_connection_url(),
-        max_connections=pool_size,
-        timeout=socket_timeout,
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=settings.redis_connect_timeout_seconds,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-    )
-    return Redis.from_pool(pool)  # the client owns the pool: aclose() disconnects it
+        settings.redis_connection_url(), max_connections=pool_size, timeout=socket_timeout,
+        **common,
+    )  # fmt: skip
+    return Redis.from_pool(pool)
+
+
+class _SentinelClient(Redis):
+    """A client of Sentinel's current master that also closes its connections to sentinels."""
+
+    sentinel_manager: Sentinel
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        await super().aclose(close_connection_pool)
+        for sentinel in self.sentinel_manager.sentinels:
+            await sentinel.aclose()
 
 
 class RedisTier:
