@@ -9,9 +9,9 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.logging import configure_logging
 from service.settings import Settings, describe_error
+from service.workers import run_workers
 
 
 def _is_loopback(host: str) -> bool:
@@ -42,6 +42,18 @@ def main() -> None:
             http_host=settings.http_host,
             loopback_only=_is_loopback(settings.http_host),
         )
+    if settings.workers > 1:
+        run_workers(settings, serve)
+    else:
+        serve(settings)
+
+
+def serve(settings: Settings) -> None:
+    """Run one instance of the app until interrupted."""
+    # Imported here, not at the top: with several workers, prometheus_client must first be
+    # imported in each worker, after the launcher pointed it at the shared metrics directory.
+    from service.app import create_app
+
     try:
         import uvloop
     except ImportError:  # optional: the stock loop works, only slower
@@ -52,6 +64,7 @@ def main() -> None:
         create_app(settings),
         host=settings.http_host,
         port=settings.http_port,
+        reuse_port=settings.workers > 1,
         print=None,
         access_log=None,
         loop=loop_factory() if loop_factory else None,

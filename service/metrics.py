@@ -6,6 +6,9 @@ scrape, so a scrape costs no Redis round trip and cannot hang on a dead Redis.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -14,6 +17,7 @@ from prometheus_client import (
     disable_created_metrics,
 )
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
@@ -31,15 +35,34 @@ LATENCY_BUCKETS_SECONDS = (
 )  # fmt: skip
 
 
+def multiprocess() -> bool:
+    """Whether several worker processes share their metrics through PROMETHEUS_MULTIPROC_DIR."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def _gauge(
+    name: str, documentation: str, labelnames: Sequence[str] = (), *, registry: CollectorRegistry
+) -> Gauge:
+    # With several workers each keeps its own gauge value, labelled with its pid; the series
+    # of a worker that exited are dropped.
+    return Gauge(name, documentation, labelnames, registry=registry, multiprocess_mode="liveall")
+
+
 class Metrics:
     """Every metric the service exports, registered in its own registry."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
-        GCCollector(registry=r)
+        if multiprocess():
+            # Scrapes read every worker's files; process metrics are per process only.
+            self.exposition: CollectorRegistry = CollectorRegistry()
+            MultiProcessCollector(self.exposition)
+        else:
+            self.exposition = r
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
 
         self.tier_hits = Counter(
             f"{PREFIX}_tier_hits_total", "Reads answered by a tier.", ["tier"], registry=r
@@ -53,13 +76,13 @@ class Metrics:
             ["tier"],
             registry=r,
         )
-        self.tier_entries = Gauge(
+        self.tier_entries = _gauge(
             f"{PREFIX}_tier_entries",
             "Entries held by a tier (memory and database; Redis is shared and not counted).",
             ["tier"],
             registry=r,
         )
-        self.memory_bytes = Gauge(
+        self.memory_bytes = _gauge(
             f"{PREFIX}_memory_bytes", "Bytes of values held by the memory tier.", registry=r
         )
         self.memory_evictions = Counter(
@@ -80,12 +103,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS_SECONDS,
             registry=r,
         )
-        self.redis_up = Gauge(
+        self.redis_up = _gauge(
             f"{PREFIX}_redis_up",
             "1 if the health monitor's last check of Redis succeeded, else 0.",
             registry=r,
         )
-        self.mode = Gauge(
+        self.mode = _gauge(
             f"{PREFIX}_mode",
             "1 for the cascade's current mode, 0 for the other.",
             ["mode"],
@@ -118,7 +141,7 @@ class Metrics:
             "Times the Redis server behind the service changed (restart, failover: new run_id).",
             registry=r,
         )
-        self.journal_pending = Gauge(
+        self.journal_pending = _gauge(
             f"{PREFIX}_journal_pending",
             "Changes made while Redis was unusable, waiting to be replayed into it.",
             registry=r,
@@ -141,7 +164,7 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        self.feed_lag = Gauge(
+        self.feed_lag = _gauge(
             f"{PREFIX}_invalidation_lag_seconds",
             "Age of the newest invalidation applied when it was applied.",
             registry=r,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,10 @@ async def delete(request: web.Request) -> web.Response:
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     mode = request.app[mode_key]
-    return _json({"status": "ok", "mode": mode.name, "degradedSince": mode.degraded_since()})
+    return _json({
+        "status": "ok", "mode": mode.name, "degradedSince": mode.degraded_since(),
+        "pid": os.getpid(),
+    })  # fmt: skip
 
 
 @routes.get("/ready")
@@ -173,7 +177,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 def setup_routes(app: web.Application) -> None:
     app.add_routes(routes)
-    app.router.add_get("/metrics", make_aiohttp_handler(app[metrics_key].registry))
+    app.router.add_get("/metrics", make_aiohttp_handler(app[metrics_key].exposition))
 
 
 @web.middleware

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     # HTTP
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
+    # Worker processes sharing the port (SO_REUSEPORT), each with its own SQLite file.
+    workers: int = Field(1, ge=1, le=64)
     # Access: a token for everything, or separate read and write tokens (write implies read).
     cache_api_token: SecretStr | None = None
     cache_read_token: SecretStr | None = None
