@@ -7,7 +7,6 @@ monitor stops before the Redis client it uses is closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -15,6 +14,7 @@ from redis.backoff import EqualJitterBackoff
 
 from monitor.health import HealthMonitor, RecoveryHook
 from service.keys import metrics_key, mode_key, settings_key
+from service.tasks import stop_task
 from service.tiers.redis import make_client
 
 __all__ = ["HealthMonitor", "get_monitor", "setup"]
@@ -47,9 +47,7 @@ def setup(app: web.Application, before_recover: tuple[RecoveryHook, ...] = ()) -
         await monitor.start()
         task = asyncio.create_task(monitor.run(), name="redis-health-monitor")
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
         await client.aclose()
 
     app.cleanup_ctx.append(run_monitor)

@@ -77,9 +77,11 @@ class HealthMonitor:
         try:
             async with asyncio.timeout(self._timeout):
                 info = await self._client.info("server")
-        except (RedisError, OSError, TimeoutError) as error:
+        except Exception as error:  # whatever it is, Redis did not answer as it should
             self._last_error = f"{type(error).__name__}: {error}".rstrip(": ")
             self._metrics.redis_up.set(0)
+            if not isinstance(error, RedisError | OSError | TimeoutError):
+                log.error("unexpected error checking redis", error=self._last_error)
             return False
         finally:
             self.attempts_in_flight -= 1

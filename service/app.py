@@ -27,6 +27,7 @@ from service.mode import Mode
 from service.routes import setup_routes, timing_middleware
 from service.security import auth_middleware, rate_limit_middleware
 from service.settings import Settings
+from service.tasks import stop_task
 from service.tiers.memory import MemoryTier
 from service.tiers.redis import RedisTier, make_client
 from service.tiers.sqlite import SqliteTier
@@ -106,9 +107,7 @@ async def sqlite_ctx(app: web.Application) -> AsyncIterator[None]:
 
     task = asyncio.create_task(sweep_forever(), name="sqlite-sweeper")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_task(task)
     await sqlite.close()
 
 
@@ -128,7 +127,5 @@ async def coherence_ctx(app: web.Application) -> AsyncIterator[None]:
     await coherence.open()
     task = asyncio.create_task(coherence.run(), name="invalidation-feed")
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await stop_task(task)
     await coherence.close()

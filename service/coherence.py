@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import structlog
@@ -27,6 +27,7 @@ from redis.exceptions import RedisError
 from service.cascade import Cascade
 from service.glob import compile_pattern
 from service.metrics import Metrics
+from service.tasks import stop_task
 from service.tiers.base import TierError
 from service.tiers.sqlite import JournalRow
 from service.versions import VersionClock
@@ -40,6 +41,8 @@ FEED_BLOCK_MILLISECONDS = 1000
 #: Pause after a failed feed read; the monitor decides the mode meanwhile.
 FEED_RETRY_SECONDS = 0.2
 START = "0-0"
+#: How often, at most, the feed position is written to SQLite while following the feed.
+POSITION_SAVE_SECONDS = 1.0
 
 _META_ORIGIN = "instance_id"
 _META_EPOCH = "feed_epoch"
@@ -74,7 +77,8 @@ class Coherence:
         self._epoch: str | None = None
         self.position = START
         self._seen_redis_epoch = mode.redis_epoch
-        self._writeback: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._position_saved_at = 0.0
 
     async def open(self) -> None:
         """Load this instance's identity and feed position from its SQLite file."""
@@ -87,10 +91,11 @@ class Coherence:
         self.position = await self._database.get_meta(_META_POSITION) or START
 
     async def close(self) -> None:
-        if self._writeback is not None:
-            self._writeback.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writeback
+        for task in list(self._background):
+            await stop_task(task)
+        if self._epoch is not None:
+            with contextlib.suppress(TierError):
+                await self._save_position()
         await self._feed_client.aclose()
 
     # Reconnecting: the monitor runs this after Redis answers and before flipping to full.
@@ -100,12 +105,17 @@ class Coherence:
         async with self._lock:
             self._seen_redis_epoch = self._mode.redis_epoch
             outcome = await self._catch_up()
-            await self._replay_journal()
+            # Only what was journaled before now: writes keep arriving (and being journaled)
+            # until the flip, and chasing them could keep the service degraded under load.
+            await self._replay_journal(up_to=await self._database.journal_high_water())
             await self._save_position()
         self._metrics.resyncs.labels(outcome).inc()
         log.info("resynchronised with redis", outcome=outcome, position=self.position)
+        # Rows journaled during the replay go right after the flip (compare-and-set makes
+        # their order against newer writes irrelevant); after data loss, all local entries.
+        self._start_background(self._drain_journal(), "journal-drain")
         if outcome == "redis_lost_data":
-            self._start_writeback()
+            self._start_background(self._write_back(), "redis-writeback")
 
     async def _catch_up(self) -> str:
         epoch = await self._redis.epoch(uuid.uuid4().hex)
@@ -134,15 +144,30 @@ class Coherence:
                 return "caught_up"
             await self._apply(events)
 
-    async def _replay_journal(self) -> None:
+    async def _replay_journal(self, up_to: int | None) -> None:
+        """Replay journal rows (up to seq `up_to`) into Redis, a batch at a time."""
         while self._database.journal_pending:
-            rows = await self._database.journal_batch(BATCH)
+            rows = [
+                row
+                for row in await self._database.journal_batch(BATCH)
+                if up_to is None or row.seq <= up_to
+            ]
             if not rows:
                 break
-            for row in rows:
-                result = await self._replay(row)
+            # Concurrently, so the batch shares round trips: each change is a compare-and-set
+            # on its own key's version, so the order they land in does not matter.
+            for result in await asyncio.gather(*(self._replay(row) for row in rows)):
                 self._metrics.journal_replayed.labels(result).inc()
             await self._database.forget_journal(rows[-1].seq)
+
+    async def _drain_journal(self) -> None:
+        await self._mode.usable.wait()
+        try:
+            async with self._lock:
+                await self._replay_journal(up_to=None)
+        except TierError as error:
+            log.warning("journal drain interrupted; it resumes at the next recovery",
+                        error=str(error))  # fmt: skip
 
     async def _replay(self, row: JournalRow) -> str:
         if row.op == "set":
@@ -186,7 +211,10 @@ class Coherence:
                 if events:
                     async with self._lock:
                         await self._apply(events)
-                        await self._save_position()
+                        # The position is a resume hint: replaying a few events again after
+                        # a crash is harmless, so it is saved at most once per interval.
+                        if time.monotonic() - self._position_saved_at >= POSITION_SAVE_SECONDS:
+                            await self._save_position()
             except (RedisError, OSError, TierError) as error:
                 log.debug("feed read failed", error=str(error))
                 await asyncio.sleep(FEED_RETRY_SECONDS)
@@ -220,14 +248,16 @@ class Coherence:
 
     async def _save_position(self) -> None:
         assert self._epoch is not None
+        self._position_saved_at = time.monotonic()
         await self._database.set_meta(_META_EPOCH, self._epoch)
         await self._database.set_meta(_META_POSITION, self.position)
 
     # After Redis lost its data: put back what this instance still holds
 
-    def _start_writeback(self) -> None:
-        if self._writeback is None or self._writeback.done():
-            self._writeback = asyncio.create_task(self._write_back(), name="redis-writeback")
+    def _start_background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _write_back(self) -> None:
         """Copy every live local entry into Redis; a newer version there always wins."""

@@ -192,6 +192,11 @@ class SqliteTier:
             for seq, op, key, value, expires_at, version in rows
         ]  # fmt: skip
 
+    async def journal_high_water(self) -> int:
+        """The seq of the newest journal row (0 when empty)."""
+        rows = await self._select("SELECT coalesce(max(seq), 0) FROM journal", ())
+        return int(rows[0][0])
+
     async def journaled_keys(self) -> set[str]:
         """Keys whose latest local write is still waiting in the journal."""
         rows = await self._select("SELECT DISTINCT key FROM journal WHERE op = 'set'", ())
