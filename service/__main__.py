@@ -13,6 +13,8 @@ from service.logging import configure_logging
 from service.settings import Settings, describe_error
 from service.workers import run_workers
 
+MAX_REQUEST_LINE_BYTES = 32 * 1024
+
 
 def _is_loopback(host: str) -> bool:
     try:
@@ -65,6 +67,10 @@ def serve(settings: Settings) -> None:
         host=settings.http_host,
         port=settings.http_port,
         reuse_port=settings.workers > 1,
+        # Room for a 1024-byte key percent-encoded (up to 12 KiB) in the request line, so an
+        # over-long key gets the API's JSON 400 rather than the HTTP parser's plain-text one.
+        max_line_size=MAX_REQUEST_LINE_BYTES,
+        max_field_size=MAX_REQUEST_LINE_BYTES,
         print=None,
         access_log=None,
         loop=loop_factory() if loop_factory else None,

@@ -175,3 +175,10 @@ class Metrics:
         for mode in MODES:
             self.mode.labels(mode)
             self.mode_transitions.labels(mode)
+        # Every series exists from the start, so dashboards and alerts never see "no data".
+        for result in ("applied", "superseded", "expired"):
+            self.journal_replayed.labels(result)
+        for kind in ("set", "delete", "pattern"):
+            self.invalidations.labels(kind)
+        for outcome in ("first_contact", "caught_up", "feed_trimmed", "redis_lost_data"):
+            self.resyncs.labels(outcome)

@@ -23,6 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from service.glob import escape
 from service.settings import INTERNAL_NAMESPACE, Settings
@@ -79,6 +80,9 @@ def make_client(settings: Settings, socket_timeout: float, pool_size: int) -> Re
         "socket_connect_timeout": settings.redis_connect_timeout_seconds,
         "retry": Retry(NoBackoff(), 0),
         "health_check_interval": 0,
+        # redis-py 8's default ("auto") skips the check for connections the server dropped
+        # while idle, so each would fail its next command and count as an outage.
+        "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         **settings.redis_tls_options(),
     }
     if settings.redis_sentinels:

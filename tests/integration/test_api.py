@@ -169,7 +169,7 @@ async def test_pattern_delete_clears_all_tiers_and_nothing_else(
 
     response = await client.delete(path("user:?"))
     assert await response.json() == {
-        "success": True, "deleted": {"redis": 2, "memory": 2, "database": 2},
+        "success": True, "complete": True, "deleted": {"redis": 2, "memory": 2, "database": 2},
     }  # fmt: skip
     assert (await client.get(path("user:1"))).status == 404
     assert (await client.get(path("user:10"))).status == 200
@@ -177,7 +177,7 @@ async def test_pattern_delete_clears_all_tiers_and_nothing_else(
 
     response = await client.delete(f"{API}/nothing*")
     assert await response.json() == {
-        "success": True, "deleted": {"redis": 0, "memory": 0, "database": 0},
+        "success": True, "complete": True, "deleted": {"redis": 0, "memory": 0, "database": 0},
     }  # fmt: skip
 
 

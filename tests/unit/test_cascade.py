@@ -137,7 +137,9 @@ async def test_delete_pattern_counts_per_tier(world: World) -> None:
     for key in ("a:1", "a:2", "b:1"):
         await world.cascade.set(key, b"1", None)
     await world.redis.client.unlink("cache:a:2")
-    assert await world.cascade.delete_pattern("a:*") == {"redis": 1, "memory": 2, "database": 2}
+    counts, complete = await world.cascade.delete_pattern("a:*")
+    assert counts == {"redis": 1, "memory": 2, "database": 2}
+    assert complete
     assert await world.cascade.get("a:1") is None
     assert await world.cascade.get("b:1") is not None
 
