@@ -48,7 +48,8 @@ def create_app(settings: Settings) -> web.Application:
     mode = Mode(metrics)
     redis_timeout = settings.redis_socket_timeout_seconds + settings.redis_connect_timeout_seconds
     redis = RedisTier(
-        make_client(settings, settings.redis_socket_timeout_seconds, settings.redis_pool_size),
+        # No per-reply socket timeout: every batch of commands runs under redis_timeout.
+        make_client(settings, None, settings.redis_pool_size),
         settings.cache_key_prefix,
         redis_timeout,
         feed_max_length=settings.feed_max_length,

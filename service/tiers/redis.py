@@ -22,7 +22,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from service.glob import escape
@@ -34,13 +34,11 @@ from service.tiers.base import Entry, TierError
 #: well under a millisecond inside Redis, so other clients' latency does not suffer.
 SCAN_BATCH = 500
 
-#: PTTL's answers that are not a remaining time.
-_PTTL_MISSING = -2
-_PTTL_PERSISTENT = -1
-
 
 # Store a value unless the key already holds a newer version. A key of another type in our
-# namespace is not ours to keep: it is replaced. Returns 1 when written, 0 when older.
+# namespace is not ours to keep: it is replaced. ARGV: version, value, TTL in ms (0: none),
+# expiry as epoch ms (0: none). The expiry is stored too, so that a read is one HMGET.
+# Returns 1 when written, 0 when Redis holds a newer version.
 SET_NEWER = """
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind == 'hash' then
@@ -49,7 +47,7 @@ if kind == 'hash' then
 elseif kind ~= 'none' then
   redis.call('DEL', KEYS[1])
 end
-redis.call('HSET', KEYS[1], 'val', ARGV[2], 'ver', ARGV[1])
+redis.call('HSET', KEYS[1], 'val', ARGV[2], 'ver', ARGV[1], 'exp', ARGV[4])
 if ARGV[3] == '0' then
   redis.call('PERSIST', KEYS[1])
 else
@@ -72,9 +70,14 @@ return redis.call('UNLINK', KEYS[1])
 EventKind = Literal["set", "delete", "pattern"]
 
 
-def make_client(settings: Settings, socket_timeout: float, pool_size: int) -> Redis:
+def make_client(settings: Settings, socket_timeout: float | None, pool_size: int) -> Redis:
     """A redis-py asyncio client for the configured topology: bounded pool, short timeouts,
-    no retries. The client owns its pool (and sentinel connections): aclose() closes all."""
+    no retries. The client owns its pool (and sentinel connections): aclose() closes all.
+
+    `socket_timeout` None leaves deadlines to the caller (asyncio.timeout around a whole
+    batch, as the auto-pipeline does), which spares redis-py a timer per reply.
+    """
+    deadline = socket_timeout or settings.redis_socket_timeout_seconds
     common: dict[str, Any] = {
         "socket_timeout": socket_timeout,
         "socket_connect_timeout": settings.redis_connect_timeout_seconds,
@@ -89,7 +92,7 @@ def make_client(settings: Settings, socket_timeout: float, pool_size: int) -> Re
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             settings.redis_sentinels,
             sentinel_kwargs={
-                "socket_timeout": socket_timeout,
+                "socket_timeout": deadline,
                 "socket_connect_timeout": settings.redis_connect_timeout_seconds,
                 "password": settings.redis_sentinel_password_value(),
             },
@@ -105,7 +108,7 @@ def make_client(settings: Settings, socket_timeout: float, pool_size: int) -> Re
         client.sentinel_manager = sentinel
         return client
     pool = BlockingConnectionPool.from_url(
-        settings.redis_connection_url(), max_connections=pool_size, timeout=socket_timeout,
+        settings.redis_connection_url(), max_connections=pool_size, timeout=deadline,
         **common,
     )  # fmt: skip
     return Redis.from_pool(pool)
@@ -169,17 +172,16 @@ class RedisTier:
     # Reads
 
     async def get(self, key: str) -> Entry | None:
-        name = self._name(key)
-        replies = await self._pipe.execute(("HMGET", name, "val", "ver"), ("PTTL", name))
-        fields, pttl = replies
+        (fields,) = await self._pipe.execute(("HMGET", self._name(key), "val", "ver", "exp"))
         if isinstance(fields, ResponseError):
             return None  # not a hash: not something this service wrote
-        if isinstance(fields, Exception) or isinstance(pttl, Exception):
-            raise TierError(f"redis replied with an error: {fields or pttl}")
-        raw, version = fields
-        if raw is None or pttl == _PTTL_MISSING:
+        if isinstance(fields, Exception):
+            raise TierError(f"redis replied with an error: {fields}")
+        raw, version, expires_ms = fields
+        if raw is None:
             return None
-        expires_at = None if pttl == _PTTL_PERSISTENT else self._clock() + pttl / 1000
+        # Redis enforces the TTL itself; the stored expiry only says how long is left.
+        expires_at = int(expires_ms) / 1000 if expires_ms and expires_ms != b"0" else None
         return Entry(raw, expires_at, int(version or 0))
 
     async def contains(self, key: str) -> bool:
@@ -190,12 +192,15 @@ class RedisTier:
 
     async def set(self, key: str, entry: Entry, *, announce: bool = True) -> bool:
         """Store the entry unless Redis holds a newer version; True when stored."""
-        ttl_ms = 0
+        ttl_ms = expires_ms = 0
         if entry.expires_at is not None:
             ttl_ms = int((entry.expires_at - self._clock()) * 1000)
+            expires_ms = int(entry.expires_at * 1000)
             if ttl_ms <= 0:
                 return False  # already expired: nothing to store
-        commands = [_script(SET_NEWER, self._name(key), entry.version, entry.raw, ttl_ms)]
+        commands = [
+            _script(SET_NEWER, self._name(key), entry.version, entry.raw, ttl_ms, expires_ms)
+        ]
         if announce:
             commands.append(self._event("set", key, entry.version))
         replies = await self._run(*commands)
@@ -224,27 +229,25 @@ class RedisTier:
         old delete); otherwise matches go with batched UNLINK. Stops after `limit` keys.
         """
         match = escape(self.prefix) + pattern
-        deleted = 0
-        batch: list[bytes] = []
-        try:
-            async for name in self.client.scan_iter(match=match, count=SCAN_BATCH):
-                if limit is not None and deleted + len(batch) >= limit:
-                    break
-                batch.append(name)
-                if len(batch) >= SCAN_BATCH:
-                    deleted += await self._delete_names(batch, version, conditional)
-                    batch = []
-            if batch:
-                deleted += await self._delete_names(batch, version, conditional)
-            if announce:
-                await self._run(self._event("pattern", pattern, version))
-        except (RedisError, OSError) as error:
-            raise TierError(f"redis pattern delete failed: {error}") from error
+        deleted, cursor = 0, 0
+        while limit is None or deleted < limit:
+            ((cursor, names),) = await self._run(
+                ("SCAN", cursor, "MATCH", match, "COUNT", SCAN_BATCH)
+            )
+            if limit is not None:
+                names = names[: limit - deleted]
+            if names:
+                deleted += await self._delete_names(names, version, conditional)
+            if int(cursor) == 0:
+                break
+        if announce:
+            await self._run(self._event("pattern", pattern, version))
         return deleted
 
     async def _delete_names(self, names: Sequence[bytes], version: int, conditional: bool) -> int:
         if not conditional:
-            return int(await self.client.unlink(*names))
+            (count,) = await self._run(("UNLINK", *names))
+            return int(count)
         replies = await self._run(*(_script(DELETE_OLDER, name, version) for name in names))
         return sum(int(r) for r in replies)
 
@@ -281,10 +284,7 @@ class RedisTier:
 
     async def server_stats(self) -> dict[str, int]:
         """The server's own counters, as the stats route reports them."""
-        try:
-            info = await self.client.info("stats")
-        except (RedisError, OSError) as error:
-            raise TierError(f"redis INFO failed: {error}") from error
+        (info,) = await self._run(("INFO", "stats"))
         return {
             "totalConnections": int(info.get("total_connections_received", 0)),
             "totalCommands": int(info.get("total_commands_processed", 0)),
