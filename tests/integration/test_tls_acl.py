@@ -6,6 +6,7 @@ import json
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -61,17 +62,24 @@ def tls_redis(tmp_path: Path) -> Iterator[tuple[RedisProcess, int, dict[str, Pat
         server.stop()
 
 
-async def test_tls_with_client_certificate_and_acl_user(
-    make_service: ServiceFactory, tls_redis: tuple[RedisProcess, int, dict[str, Path]]
-) -> None:
-    _, tls_port, certs = tls_redis
-    client = await make_service(
+async def tls_service(
+    make_service: ServiceFactory, tls_port: int, certs: dict[str, Path], password: str
+) -> Any:
+    """The app on the TLS port as the ACL user, presenting the client certificate."""
+    return await make_service(
         None,
-        redis_url=f"rediss://{USER}:{PASSWORD}@127.0.0.1:{tls_port}/0",
+        redis_url=f"rediss://{USER}:{password}@127.0.0.1:{tls_port}/0",
         redis_tls_ca_file=certs["ca.crt"],
         redis_tls_cert_file=certs["client.crt"],
         redis_tls_key_file=certs["client.key"],
     )
+
+
+async def test_tls_with_client_certificate_and_acl_user(
+    make_service: ServiceFactory, tls_redis: tuple[RedisProcess, int, dict[str, Path]]
+) -> None:
+    _, tls_port, certs = tls_redis
+    client = await tls_service(make_service, tls_port, certs, PASSWORD)
 
     async def mode() -> str:
         return str((await (await client.get("/health")).json())["mode"])
@@ -101,13 +109,7 @@ async def test_a_wrong_password_keeps_the_service_degraded_but_serving(
     make_service: ServiceFactory, tls_redis: tuple[RedisProcess, int, dict[str, Path]]
 ) -> None:
     _, tls_port, certs = tls_redis
-    client = await make_service(
-        None,
-        redis_url=f"rediss://{USER}:wrong@127.0.0.1:{tls_port}/0",
-        redis_tls_ca_file=certs["ca.crt"],
-        redis_tls_cert_file=certs["client.crt"],
-        redis_tls_key_file=certs["client.key"],
-    )
+    client = await tls_service(make_service, tls_port, certs, "wrong")
     assert (await (await client.get("/health")).json())["mode"] == "degraded"
     assert (
         await client.post("/api/performance/cache", json={"key": "d", "value": 1})
