@@ -49,6 +49,26 @@ _META_EPOCH = "feed_epoch"
 _META_POSITION = "feed_position"
 
 
+def _independent_runs(rows: list[JournalRow]) -> list[list[JournalRow]]:
+    """Split journal rows, in order, into runs that touch distinct keys and no pattern."""
+    runs: list[list[JournalRow]] = []
+    current: list[JournalRow] = []
+    keys: set[str] = set()
+    for row in rows:
+        if row.op == "pattern" or row.key in keys:
+            if current:
+                runs.append(current)
+            current, keys = [], set()
+        if row.op == "pattern":
+            runs.append([row])
+            continue
+        current.append(row)
+        keys.add(row.key)
+    if current:
+        runs.append(current)
+    return runs
+
+
 def _id(event_id: str) -> tuple[int, int]:
     milliseconds, _, sequence = event_id.partition("-")
     return int(milliseconds), int(sequence or 0)
@@ -154,10 +174,11 @@ class Coherence:
             ]
             if not rows:
                 break
-            # Concurrently, so the batch shares round trips: each change is a compare-and-set
-            # on its own key's version, so the order they land in does not matter.
-            for result in await asyncio.gather(*(self._replay(row) for row in rows)):
-                self._metrics.journal_replayed.labels(result).inc()
+            for run in _independent_runs(rows):
+                # Changes to different keys go concurrently, sharing round trips; a key seen
+                # again, or a pattern, waits for what came before it in the journal.
+                for result in await asyncio.gather(*(self._replay(row) for row in run)):
+                    self._metrics.journal_replayed.labels(result).inc()
             await self._database.forget_journal(rows[-1].seq)
 
     async def _drain_journal(self) -> None:
