@@ -48,10 +48,11 @@ def main() -> None:
         run_workers(settings, serve)
     else:
         serve(settings)
+    log.info("stopped")
 
 
 def serve(settings: Settings) -> None:
-    """Run one instance of the app until interrupted."""
+    """Run one instance of the app until interrupted (SIGTERM or SIGINT)."""
     # Imported here, not at the top: with several workers, prometheus_client must first be
     # imported in each worker, after the launcher pointed it at the shared metrics directory.
     from service.app import create_app

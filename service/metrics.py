@@ -83,7 +83,9 @@ class Metrics:
             registry=r,
         )
         self.memory_bytes = _gauge(
-            f"{PREFIX}_memory_bytes", "Bytes of values held by the memory tier.", registry=r
+            f"{PREFIX}_memory_bytes",
+            "Bytes the memory tier accounts for (values plus per-entry bookkeeping).",
+            registry=r,
         )
         self.memory_evictions = Counter(
             f"{PREFIX}_memory_evictions_total",

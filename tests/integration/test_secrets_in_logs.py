@@ -43,5 +43,6 @@ async def test_secrets_stay_out_of_the_logs(tmp_path: Path) -> None:
     log = service.log.read_text()
     assert "Redis not available" in log, "the test must see real error logging"
     assert "starting" in log
+    assert '"stopped"' in log, "a SIGTERM ends with a clean shutdown"
     assert PASSWORD not in log
     assert TOKEN not in log
