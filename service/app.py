@@ -46,7 +46,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     metrics = Metrics()
     mode = Mode(metrics)
-    redis_timeout = settings.redis_socket_timeout_seconds + settings.redis_connect_timeout_seconds
+    # The whole of a batch's Redis work, connecting included, must fit in the socket timeout.
+    redis_timeout = settings.redis_socket_timeout_seconds
     redis = RedisTier(
         # No per-reply socket timeout: every batch of commands runs under redis_timeout.
         make_client(settings, None, settings.redis_pool_size),
