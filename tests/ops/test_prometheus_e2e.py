@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -22,8 +20,8 @@ from typing import Any, TypeVar
 import pytest
 import yaml
 
-from tests.ops.promql import ALERTS, REPO
-from tests.procs import RedisProcess, free_port, wait_for_port
+from tests.ops.promql import ALERTS
+from tests.procs import RedisProcess, ServiceProcess, free_port, wait_for_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -74,31 +72,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def service(redis_server: RedisProcess, tmp_path: Path) -> Iterator[tuple[int, Path]]:
     """`python -m service` against the test's Redis: (HTTP port, log file)."""
-    port = free_port()
-    log = tmp_path / "service.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "REDIS_URL": redis_server.url,
-        "HTTP_HOST": "127.0.0.1",
-        "HTTP_PORT": str(port),
-        "CACHE_DB_PATH": str(tmp_path / "cache.db"),
-        "HEALTH_INTERVAL_SECONDS": "0.2",
-        "RECONNECT_BACKOFF_CAP_SECONDS": "1",
-        "LOG_FORMAT": "json",
-        "LOG_LEVEL": "INFO",
-    }
-    with log.open("wb") as out:
-        # cwd is the test's own directory: no developer .env is read.
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=tmp_path, env=env, stdout=out, stderr=out
-        )
+    process = ServiceProcess(
+        tmp_path, REDIS_URL=redis_server.url, RECONNECT_BACKOFF_CAP_SECONDS="1"
+    ).start()
     try:
-        wait_for_port(port, timeout=15)
-        yield port, log
+        yield process.port, process.log
     finally:
-        _stop(proc)
-    assert proc.returncode is not None
+        process.stop()
 
 
 def _rules_file(path: Path) -> dict[str, Any]:
