@@ -81,4 +81,4 @@ _OPERATIONS = {"POST": "set", "GET": "get", "HEAD": "head", "DELETE": "delete"}
 def _count_rejected(request: web.Request, outcome: str) -> None:
     """Count requests that ended in an error response (handlers count their successes)."""
     operation = _OPERATIONS.get(request.method, "other")
-    request.app[metrics_key].requests.labels(operation, outcome).inc()
+    request.app[metrics_key].count_request(operation, outcome)

@@ -177,6 +177,8 @@ class Metrics:
         for mode in MODES:
             self.mode.labels(mode)
             self.mode_transitions.labels(mode)
+        self._request_children: dict[tuple[str, str], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
         # Every series exists from the start, so dashboards and alerts never see "no data".
         for result in ("applied", "superseded", "expired"):
             self.journal_replayed.labels(result)
@@ -184,3 +186,18 @@ class Metrics:
             self.invalidations.labels(kind)
         for outcome in ("first_contact", "caught_up", "feed_trimmed", "redis_lost_data"):
             self.resyncs.labels(outcome)
+
+    def count_request(self, operation: str, outcome: str) -> None:
+        """Count one API request; children are bound once, not looked up per request."""
+        child = self._request_children.get((operation, outcome))
+        if child is None:
+            child = self._request_children[operation, outcome] = self.requests.labels(
+                operation, outcome
+            )
+        child.inc()
+
+    def observe_duration(self, route: str, seconds: float) -> None:
+        child = self._duration_children.get(route)
+        if child is None:
+            child = self._duration_children[route] = self.request_duration.labels(route)
+        child.observe(seconds)

@@ -42,7 +42,7 @@ def _hit_rate(hits: float, misses: float) -> str:
 
 
 def _count(op: str, outcome: str, request: web.Request) -> None:
-    request.app[metrics_key].requests.labels(op, outcome).inc()
+    request.app[metrics_key].count_request(op, outcome)
 
 
 @routes.post(API)
@@ -193,6 +193,4 @@ async def timing_middleware(request: web.Request, handler: Handler) -> web.Strea
     finally:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
-        request.app[metrics_key].request_duration.labels(route).observe(
-            time.perf_counter() - started
-        )
+        request.app[metrics_key].observe_duration(route, time.perf_counter() - started)
