@@ -18,12 +18,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
 from redis.backoff import AbstractBackoff
 from redis.exceptions import RedisError
 
 from service.metrics import Metrics
 from service.mode import Mode
+from service.tiers.redis import RedisClient
 
 log = structlog.get_logger("tiercache.monitor")
 
@@ -38,7 +39,7 @@ class HealthMonitor:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         mode: Mode,
         metrics: Metrics,
         *,
@@ -76,7 +77,7 @@ class HealthMonitor:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(self._timeout):
-                info = await self._client.info("server")
+                run_id = await self._server_id()
         except Exception as error:  # whatever it is, Redis did not answer as it should
             self._last_error = f"{type(error).__name__}: {error}".rstrip(": ")
             self._metrics.redis_up.set(0)
@@ -87,8 +88,17 @@ class HealthMonitor:
             self.attempts_in_flight -= 1
         self._metrics.redis_up.set(1)
         self._metrics.ping_duration.observe(time.perf_counter() - started)
-        self._notice_server(str(info.get("run_id", "")))
+        self._notice_server(run_id)
         return True
+
+    async def _server_id(self) -> str:
+        """Which server answers: its run_id; for a Cluster, the run_ids of all its primaries
+        (a failover changes one of them)."""
+        if isinstance(self._client, RedisCluster):
+            per_node = await self._client.info("server", target_nodes=RedisCluster.PRIMARIES)
+            return ",".join(sorted(str(info.get("run_id", "")) for info in per_node.values()))
+        info = await self._client.info("server")
+        return str(info.get("run_id", ""))
 
     def _notice_server(self, run_id: str) -> None:
         if self.run_id is not None and run_id != self.run_id:

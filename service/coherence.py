@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from service.cascade import Cascade
@@ -29,6 +28,7 @@ from service.glob import compile_pattern
 from service.metrics import Metrics
 from service.tasks import stop_task
 from service.tiers.base import TierError
+from service.tiers.redis import RedisClient
 from service.tiers.sqlite import JournalRow
 from service.versions import VersionClock
 
@@ -82,7 +82,7 @@ class Coherence:
         cascade: Cascade,
         versions: VersionClock,
         metrics: Metrics,
-        feed_client: Redis,
+        feed_client: RedisClient,
     ) -> None:
         self._cascade = cascade
         self._redis = cascade.redis

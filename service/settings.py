@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     redis_sentinels: Annotated[list[tuple[str, int]], NoDecode] = []
     redis_sentinel_master: str = "mymaster"
     redis_sentinel_password: SecretStr | None = None
+    # Cluster: comma-separated host:port of some of its nodes (the rest are discovered).
+    redis_cluster_nodes: Annotated[list[tuple[str, int]], NoDecode] = []
     # TLS (rediss:// URLs, or Sentinel with REDIS_TLS=true): CA and optional client cert.
     redis_tls: bool = False
     redis_tls_ca_file: Path | None = None
@@ -97,7 +99,7 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
 
-    @field_validator("redis_sentinels", mode="before")
+    @field_validator("redis_sentinels", "redis_cluster_nodes", mode="before")
     @classmethod
     def _parse_addresses(cls, value: object) -> object:
         """`host:port,host:port` as in the environment, or already a list."""
@@ -118,6 +120,12 @@ class Settings(BaseSettings):
         if prefix.startswith(INTERNAL_NAMESPACE) or INTERNAL_NAMESPACE.startswith(prefix):
             raise ValueError(f"must not overlap the service's own namespace {INTERNAL_NAMESPACE!r}")
         return prefix
+
+    @model_validator(mode="after")
+    def _one_topology(self) -> Settings:
+        if self.redis_sentinels and self.redis_cluster_nodes:
+            raise ValueError("set REDIS_SENTINELS or REDIS_CLUSTER_NODES, not both")
+        return self
 
     @model_validator(mode="after")
     def _backoff_cap_not_below_base(self) -> Settings:
@@ -142,7 +150,7 @@ class Settings(BaseSettings):
         if not tls:
             return {}
         options: dict[str, object] = {"ssl_cert_reqs": "required"}
-        if self.redis_sentinels:
+        if self.redis_sentinels or self.redis_cluster_nodes:
             options["ssl"] = True
         for option, path in (("ssl_ca_certs", self.redis_tls_ca_file),
                              ("ssl_certfile", self.redis_tls_cert_file),
@@ -160,6 +168,9 @@ class Settings(BaseSettings):
         if self.redis_sentinels:
             where = ",".join(f"{host}:{port}" for host, port in self.redis_sentinels)
             return f"sentinel://{where}/{self.redis_sentinel_master}"
+        if self.redis_cluster_nodes:
+            where = ",".join(f"{host}:{port}" for host, port in self.redis_cluster_nodes)
+            return f"cluster://{where}"
         if self.redis_url is not None:
             url = self.redis_url
             if url.scheme == "unix":

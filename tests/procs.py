@@ -28,6 +28,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_cluster_port() -> int:
+    """A free port that a Cluster node can use: its bus port (port + 10000) must exist and be
+    free too."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + 10000 > 65535:
+            port = port % 45000 + 10000
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 def require_binary(name: str) -> str:
     """The path of an executable the tests need, or a clear failure (never a skip)."""
     path = shutil.which(name)

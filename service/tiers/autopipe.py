@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from service.tiers.base import TierError
 
@@ -27,7 +27,7 @@ _Waiter = tuple[Sequence[Command], "asyncio.Future[list[Any]]"]
 class AutoPipeline:
     """Queues commands from concurrent callers and flushes them once per loop iteration."""
 
-    def __init__(self, client: Redis, timeout_seconds: float) -> None:
+    def __init__(self, client: Redis | RedisCluster, timeout_seconds: float) -> None:
         self._client = client
         self._timeout = timeout_seconds
         self._queue: list[_Waiter] = []

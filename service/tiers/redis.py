@@ -19,10 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from service.glob import escape
@@ -70,7 +71,10 @@ return redis.call('UNLINK', KEYS[1])
 EventKind = Literal["set", "delete", "pattern"]
 
 
-def make_client(settings: Settings, socket_timeout: float | None, pool_size: int) -> Redis:
+RedisClient = Redis | RedisCluster
+
+
+def make_client(settings: Settings, socket_timeout: float | None, pool_size: int) -> RedisClient:
     """A redis-py asyncio client for the configured topology: bounded pool, short timeouts,
     no retries. The client owns its pool (and sentinel connections): aclose() closes all.
 
@@ -88,6 +92,15 @@ def make_client(settings: Settings, socket_timeout: float | None, pool_size: int
         "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         **settings.redis_tls_options(),
     }
+    if settings.redis_cluster_nodes:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in settings.redis_cluster_nodes],
+            username=settings.redis_username,
+            password=settings.redis_password.get_secret_value() or None,
+            max_connections=pool_size,
+            # Cluster-wide SCAN and INFO bypass the auto-pipeline: each reply needs a deadline.
+            **{**common, "socket_timeout": deadline},
+        )
     if settings.redis_sentinels:
         sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             settings.redis_sentinels,
@@ -132,7 +145,7 @@ class RedisTier:
 
     def __init__(
         self,
-        client: Redis,
+        client: RedisClient,
         prefix: str,
         timeout_seconds: float,
         origin: str = "",
@@ -154,7 +167,11 @@ class RedisTier:
 
     async def reset_connections(self) -> None:
         """Drop pooled connections (they may point at a dead or replaced server)."""
-        await self.client.connection_pool.disconnect()
+        if isinstance(self.client, RedisCluster):
+            for node in self.client.get_nodes():
+                await node.disconnect()
+        else:
+            await self.client.connection_pool.disconnect()
 
     def _name(self, key: str) -> str:
         return self.prefix + key
@@ -229,6 +246,11 @@ class RedisTier:
         old delete); otherwise matches go with batched UNLINK. Stops after `limit` keys.
         """
         match = escape(self.prefix) + pattern
+        if isinstance(self.client, RedisCluster):
+            deleted = await self._delete_across_cluster(match, version, conditional, limit)
+            if announce:
+                await self._run(self._event("pattern", pattern, version))
+            return deleted
         deleted, cursor = 0, 0
         while limit is None or deleted < limit:
             ((cursor, names),) = await self._run(
@@ -244,7 +266,32 @@ class RedisTier:
             await self._run(self._event("pattern", pattern, version))
         return deleted
 
-    async def _delete_names(self, names: Sequence[bytes], version: int, conditional: bool) -> int:
+    async def _delete_across_cluster(
+        self, match: str, version: int, conditional: bool, limit: int | None
+    ) -> int:
+        """SCAN every primary (redis-py's cluster scan_iter) and delete key by key: a Cluster
+        refuses multi-key commands across slots."""
+        assert isinstance(self.client, RedisCluster)
+        deleted, batch = 0, list[bytes]()
+        try:
+            async for name in self.client.scan_iter(match=match, count=SCAN_BATCH):
+                if limit is not None and deleted + len(batch) >= limit:
+                    break
+                batch.append(name)
+                if len(batch) >= SCAN_BATCH:
+                    deleted += await self._delete_names(batch, version, conditional, True)
+                    batch = []
+            if batch:
+                deleted += await self._delete_names(batch, version, conditional, True)
+        except (RedisError, OSError) as error:
+            raise TierError(f"redis pattern delete failed: {error}") from error
+        return deleted
+
+    async def _delete_names(
+        self, names: Sequence[bytes], version: int, conditional: bool, one_by_one: bool = False
+    ) -> int:
+        if one_by_one and not conditional:
+            return sum(int(r) for r in await self._run(*(("UNLINK", name) for name in names)))
         if not conditional:
             (count,) = await self._run(("UNLINK", *names))
             return int(count)
@@ -284,7 +331,17 @@ class RedisTier:
 
     async def server_stats(self) -> dict[str, int]:
         """The server's own counters, as the stats route reports them."""
-        (info,) = await self._run(("INFO", "stats"))
+        if isinstance(self.client, RedisCluster):
+            try:
+                per_node = await self.client.info("stats", target_nodes=RedisCluster.PRIMARIES)
+            except (RedisError, OSError) as error:
+                raise TierError(f"redis INFO failed: {error}") from error
+            info = {
+                field: sum(int(node.get(field, 0)) for node in per_node.values())
+                for field in _STATS_FIELDS
+            }
+        else:
+            (info,) = await self._run(("INFO", "stats"))
         return {
             "totalConnections": int(info.get("total_connections_received", 0)),
             "totalCommands": int(info.get("total_commands_processed", 0)),
@@ -293,6 +350,9 @@ class RedisTier:
         }
 
 
+_STATS_FIELDS = (
+    "total_connections_received", "total_commands_processed", "keyspace_hits", "keyspace_misses",
+)  # fmt: skip
 _SHAS = {script: hashlib.sha1(script.encode()).hexdigest() for script in (SET_NEWER, DELETE_OLDER)}
 _BODIES = {sha: script for script, sha in _SHAS.items()}
 
