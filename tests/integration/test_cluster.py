@@ -13,7 +13,8 @@ import pytest
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from tests.integration.conftest import ServiceFactory
-from tests.polling import poll
+from tests.load import SteadyLoad
+from tests.polling import mode_of, wait_for_mode
 from tests.procs import RedisProcess, free_cluster_port, require_binary
 
 pytestmark = pytest.mark.slow
@@ -77,11 +78,7 @@ async def test_keys_across_slots_and_pattern_deletes_on_every_primary(
     make_service: ServiceFactory, cluster: list[RedisProcess]
 ) -> None:
     client = await make_service(None, **cluster_settings(cluster))
-
-    async def mode() -> str:
-        return str((await (await client.get("/health")).json())["mode"])
-
-    assert await poll(mode, lambda m: m == "full", within=10) == "full"
+    await wait_for_mode(client, "full")
     keys = [f"user:{i}" for i in range(60)] + [f"other:{i}" for i in range(10)]
     for key in keys:
         assert (await client.post(API, json={"key": key, "value": key})).status == 200
@@ -98,39 +95,20 @@ async def test_keys_across_slots_and_pattern_deletes_on_every_primary(
     assert (await (await client.get(f"{API}/other:5")).json())["tier"] == "redis"
     stats = await (await client.get(f"{API}/stats")).json()
     assert stats["redis"]["server"]["totalCommands"] > 0
-    assert await mode() == "full"
+    assert await mode_of(client) == "full"
 
 
 async def test_a_primary_failing_over_loses_no_request(
     make_service: ServiceFactory, cluster: list[RedisProcess]
 ) -> None:
     client = await make_service(None, **cluster_settings(cluster))
-
-    async def mode() -> str:
-        return str((await (await client.get("/health")).json())["mode"])
-
-    assert await poll(mode, lambda m: m == "full", within=10) == "full"
+    await wait_for_mode(client, "full")
     for i in range(30):
         await client.post(API, json={"key": f"k{i}", "value": i})
     victim_port = await primary_of(cluster, "cache:k0")
     victim = next(n for n in cluster if n.port == victim_port)
 
-    failures: list[str] = []
-    stop = asyncio.Event()
-
-    async def load(worker: int) -> None:
-        i = 0
-        while not stop.is_set():
-            key = f"w{worker}-{i % 10}"
-            for response in (await client.post(API, json={"key": key, "value": i}),
-                             await client.get(f"{API}/k{i % 30}")):  # fmt: skip
-                if response.status != 200:
-                    failures.append(f"{response.method} {response.url.path}: {response.status}")
-            i += 1
-            await asyncio.sleep(0.005)
-
-    workers = [asyncio.create_task(load(w)) for w in range(3)]
-    try:
+    async with SteadyLoad(client, workers=3) as load:
         await asyncio.sleep(0.3)
         victim.kill()
         survivors = [n for n in cluster if n is not victim]
@@ -138,12 +116,10 @@ async def test_a_primary_failing_over_loses_no_request(
         while not all(cluster_ok(n.port) for n in survivors):
             assert time.monotonic() < deadline, "the replica was not promoted"
             await asyncio.sleep(0.2)
-        assert await poll(mode, lambda m: m == "full", within=15) == "full"
+        await wait_for_mode(client, "full", within=15)
         await asyncio.sleep(0.3)
-    finally:
-        stop.set()
-        await asyncio.gather(*workers)
-    assert not failures, failures[:5]
+    assert not load.failures, load.failures[:5]
+    assert load.served > 50
     for i in range(30):
         body = await (await client.get(f"{API}/k{i}")).json()
         assert body["value"] == i

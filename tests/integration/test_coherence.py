@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient
 
 from service.keys import memory_key, metrics_key, sqlite_key
 from tests.integration.conftest import ServiceFactory
-from tests.polling import poll
+from tests.polling import poll, wait_for_mode
 from tests.procs import RedisProcess
 from tests.proxy import LinkProxy
 
@@ -53,20 +53,11 @@ async def delete(client: Client, key_or_pattern: str) -> dict[str, int]:
     return deleted
 
 
-async def mode_of(client: Client) -> str:
-    mode: str = (await (await client.get("/health")).json())["mode"]
-    return mode
-
-
 async def eventually(
     client: Client, key: str, expected: Any, within: float = WINDOW_SECONDS
 ) -> None:
     got = await poll(lambda: read(client, key), lambda v: v == expected, within=within)
     assert got == expected, f"{key}: served {got!r}, expected {expected!r}"
-
-
-async def wait_mode(client: Client, mode: str, within: float = 5.0) -> None:
-    assert await poll(lambda: mode_of(client), lambda m: m == mode, within=within) == mode
 
 
 async def in_redis(redis_server: RedisProcess, key: str) -> Any:
@@ -92,7 +83,7 @@ async def pair(
     """Instance A reaches Redis through the proxy; instance B directly."""
     a = await make_service(None, redis_url=proxy.url)
     b = await make_service(redis_server)
-    await wait_mode(a, "full")
+    await wait_for_mode(a, "full")
     return a, b
 
 
@@ -138,12 +129,12 @@ async def test_a_disconnected_instance_catches_up_before_serving(
         await write(a, key, "old")
         assert await read(a, key) == "old"
     await proxy.cut()
-    await wait_mode(a, "degraded")
+    await wait_for_mode(a, "degraded")
     await write(b, "x", "new")
     await delete(b, "y")
     await delete(b, "z*")
     await proxy.heal()
-    await wait_mode(a, "full")
+    await wait_for_mode(a, "full")
     # The mode flips only after catching up: no stale value is served once full.
     assert await read(a, "x") == "new"
     assert await read(a, "y") is None
@@ -157,7 +148,7 @@ async def test_outage_writes_and_others_writes_converge_on_the_newest(
     await write(a, "deleted-by-b", "a-before")
     await write(a, "deleted-by-a", "b-will-not-see")
     await proxy.cut()
-    await wait_mode(a, "degraded")
+    await wait_for_mode(a, "degraded")
     await write(a, "same", "a-degraded")  # older than B's write below
     await write(b, "same", "b-full")
     await write(b, "newer-in-a", "b-first")
@@ -167,7 +158,7 @@ async def test_outage_writes_and_others_writes_converge_on_the_newest(
     await delete(b, "deleted-by-b")
     await delete(a, "deleted-by-a")
     await proxy.heal()
-    await wait_mode(a, "full")
+    await wait_for_mode(a, "full")
 
     expected = {
         "same": "b-full",
@@ -191,14 +182,14 @@ async def test_redis_restarted_empty_during_an_outage_gets_the_outage_writes(
     b = await make_service(redis_server)
     await write(a, "before", 1)
     redis_server.kill()
-    await wait_mode(a, "degraded")
-    await wait_mode(b, "degraded")
+    await wait_for_mode(a, "degraded")
+    await wait_for_mode(b, "degraded")
     await write(a, "during-a", "a")
     await write(b, "during-b", "b")
     await delete(a, "before")
     redis_server.start()  # empty: no persistence
-    await wait_mode(a, "full")
-    await wait_mode(b, "full")
+    await wait_for_mode(a, "full")
+    await wait_for_mode(b, "full")
     for key, value in {"during-a": "a", "during-b": "b", "before": None}.items():
         assert await in_redis(redis_server, key) == value, key
         for client in (a, b):
@@ -229,10 +220,10 @@ async def test_an_instance_behind_a_trimmed_feed_drops_what_may_be_stale(
     """Rule 3: when the feed no longer covers the time away, local copies are not trusted."""
     a = await make_service(None, redis_url=proxy.url, feed_max_length=100)
     b = await make_service(redis_server, feed_max_length=100)
-    await wait_mode(a, "full")
+    await wait_for_mode(a, "full")
     await write(a, "stale?", "a")
     await proxy.cut()
-    await wait_mode(a, "degraded")
+    await wait_for_mode(a, "degraded")
     await write(a, "mine", "journaled")
     r = aioredis.Redis.from_url(redis_server.url)
     try:
@@ -242,7 +233,7 @@ async def test_an_instance_behind_a_trimmed_feed_drops_what_may_be_stale(
     finally:
         await r.aclose()
     await proxy.heal()
-    await wait_mode(a, "full")
+    await wait_for_mode(a, "full")
     registry = a.server.app[metrics_key].registry
     assert registry.get_sample_value("tiercache_resyncs_total", {"outcome": "feed_trimmed"}) == 1
     assert a.server.app[memory_key].get("stale?") is None
@@ -264,7 +255,7 @@ async def test_random_interleavings_converge_to_the_model(
     try:
         clients = [await make_service(None, redis_url=p.url) for p in proxies]
         for client in clients:
-            await wait_mode(client, "full")
+            await wait_for_mode(client, "full")
         keys = [f"r{i}" for i in range(8)]
         model: dict[str, Any] = {}
         cut: set[int] = set()
@@ -294,7 +285,7 @@ async def test_random_interleavings_converge_to_the_model(
         for healed in sorted(cut):
             await proxies[healed].heal()
         for client in clients:
-            await wait_mode(client, "full", within=10)
+            await wait_for_mode(client, "full", within=10)
         for key in keys:
             assert await in_redis(redis_server, key) == model.get(key), key
             for client in clients:

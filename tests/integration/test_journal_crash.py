@@ -6,13 +6,12 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from tests.polling import poll
+from tests.polling import wait_for_mode
 from tests.procs import RedisProcess, ServiceProcess
 
 API = "/api/performance/cache"
@@ -47,12 +46,7 @@ async def test_journal_survives_a_crash_and_is_replayed(
         absent_redis.start()
         service.start()
         async with aiohttp.ClientSession(service.base_url) as http:
-
-            async def mode() -> str:
-                body: dict[str, Any] = await (await http.get("/health")).json()
-                return str(body["mode"])
-
-            assert await poll(mode, lambda m: m == "full", within=10) == "full"
+            await wait_for_mode(http, "full")
             body = await (await http.get(f"{API}/j3")).json()
             assert body["value"] == {"n": 3}
             assert body["tier"] == "redis"

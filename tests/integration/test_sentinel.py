@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.integration.conftest import ServiceFactory
-from tests.polling import poll
+from tests.load import SteadyLoad
+from tests.polling import poll, wait_for_mode
 from tests.procs import RedisProcess, SentinelProcess
 
 pytestmark = pytest.mark.slow
@@ -51,47 +52,21 @@ async def test_failover_under_load_loses_no_request(
         redis_sentinel_master="mymaster",
     )
 
-    async def mode() -> str:
-        return str((await (await client.get("/health")).json())["mode"])
-
-    assert await poll(mode, lambda m: m == "full", within=5) == "full"
+    await wait_for_mode(client, "full", within=5)
     await client.post(API, json={"key": "before", "value": 1})
 
-    failures: list[str] = []
-    served = 0
-    stop = asyncio.Event()
-
-    async def load(worker: int) -> None:
-        nonlocal served
-        i = 0
-        while not stop.is_set():
-            key = f"w{worker}-{i % 20}"
-            post = await client.post(API, json={"key": key, "value": i})
-            got = await client.get(f"{API}/{key}")
-            for response in (post, got):
-                if response.status != 200:
-                    failures.append(f"{response.method} {response.url.path}: {response.status}")
-            served += 2
-            i += 1
-            await asyncio.sleep(0.005)
-
-    workers = [asyncio.create_task(load(w)) for w in range(4)]
-    try:
+    async with SteadyLoad(client) as load:
         await asyncio.sleep(0.5)
         master.kill()
         killed = time.monotonic()
-        assert (
-            await poll(lambda: role(replica.port), lambda r: r == "master", within=20) == "master"
-        )
+        became = await poll(lambda: role(replica.port), lambda r: r == "master", within=20)
+        assert became == "master"
         promoted = time.monotonic() - killed
-        assert await poll(mode, lambda m: m == "full", within=10) == "full"
+        await wait_for_mode(client, "full", within=10)
         recovered = time.monotonic() - killed
         await asyncio.sleep(0.5)  # keep the load on the new master a little
-    finally:
-        stop.set()
-        await asyncio.gather(*workers)
-    assert not failures, failures[:5]
-    assert served > 100
+    assert not load.failures, load.failures[:5]
+    assert load.served > 100
     print(f"promoted after {promoted:.1f}s, service full again after {recovered:.1f}s")
 
     await client.post(API, json={"key": "after", "value": 2})

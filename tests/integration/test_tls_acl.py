@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.integration.conftest import ServiceFactory
-from tests.polling import poll
+from tests.polling import wait_for_mode
 from tests.procs import RedisProcess, free_port, require_binary
 
 USER, PASSWORD = "cache-svc", "acl-pw-3k9"
@@ -80,11 +80,7 @@ async def test_tls_with_client_certificate_and_acl_user(
 ) -> None:
     _, tls_port, certs = tls_redis
     client = await tls_service(make_service, tls_port, certs, PASSWORD)
-
-    async def mode() -> str:
-        return str((await (await client.get("/health")).json())["mode"])
-
-    assert await poll(mode, lambda m: m == "full", within=5) == "full"
+    await wait_for_mode(client, "full", within=5)
     assert (
         await client.post("/api/performance/cache", json={"key": "t", "value": [1]})
     ).status == 200
