@@ -37,7 +37,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -506,6 +506,22 @@ def seed_service(server: Http, n: int = KEYS) -> None:
 # wrk
 
 
+def wrk_command(
+    connections: int,
+    seconds: float,
+    script: str,
+    url: str,
+    args: Sequence[str],
+    timeout_s: float | None = None,
+) -> list[str]:
+    """wrk pinned to the load core, with a Lua script and its arguments."""
+    cmd = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+           "--latency", "-s", str(LUA / script)]  # fmt: skip
+    if timeout_s is not None:
+        cmd += ["--timeout", f"{timeout_s}s"]
+    return [*cmd, url, "--", *args]
+
+
 def wrk(
     url: str,
     script: str,
@@ -527,21 +543,7 @@ def wrk(
     children_before = _children_cpu()
     started_self = time.process_time()
     started = time.monotonic()
-    cmd = [
-        "taskset",
-        "-c",
-        LOAD_CORE,
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{seconds}s",
-        "--latency",
-        "-s",
-        str(LUA / script),
-    ]
-    if timeout_s is not None:
-        cmd += ["--timeout", f"{timeout_s}s"]
-    cmd += [url, "--", *args]
+    cmd = wrk_command(connections, seconds, script, url, args, timeout_s)
     env = dict(os.environ, BENCH_LUA_DIR=str(LUA))
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 60)
     for line in res.stdout.splitlines():
@@ -1558,23 +1560,7 @@ class Run:
                     self.wait_full(server)
                 seconds = before + pause + after
                 env = dict(os.environ, BENCH_LUA_DIR=str(LUA))
-                cmd = [
-                    "taskset",
-                    "-c",
-                    LOAD_CORE,
-                    "wrk",
-                    "-t1",
-                    f"-c{CONNECTIONS}",
-                    f"-d{seconds}s",
-                    "--latency",
-                    "--timeout",
-                    f"{pause + 20}s",
-                    "-s",
-                    str(LUA / m.script),
-                    server.url(),
-                    "--",
-                    *m.args,
-                ]
+                cmd = wrk_command(CONNECTIONS, seconds, m.script, server.url(), m.args, pause + 20)
                 load = subprocess.Popen(
                     cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
                 )
