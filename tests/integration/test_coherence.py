@@ -293,3 +293,19 @@ async def test_random_interleavings_converge_to_the_model(
     finally:
         for p in proxies:
             await p.close()
+
+
+async def test_near_cache_mode_serves_memory_first_and_stays_coherent(
+    make_service: ServiceFactory, redis_server: RedisProcess
+) -> None:
+    a = await make_service(redis_server, cache_read_mode="near")
+    b = await make_service(redis_server, cache_read_mode="near")
+    await write(a, "hot", "v1")
+    first = await (await b.get(url("hot"))).json()
+    assert (first["tier"], first["value"]) == ("redis", "v1")
+    second = await (await b.get(url("hot"))).json()
+    assert (second["tier"], second["value"]) == ("memory", "v1"), "the near cache filled"
+    await write(a, "hot", "v2")
+    await eventually(b, "hot", "v2")  # the feed dropped B's near copy
+    await delete(a, "hot")
+    await eventually(b, "hot", None)
