@@ -6,8 +6,8 @@ call, not per command, so a batch of N requests costs little more than one.
 
 The pipeline runs in a task of its own, never in the request's: a client that disconnects
 cancels only its wait for the reply, so no connection is ever abandoned mid-reply and no
-request can be handed a reply meant for another. Every batch has a deadline; on timeout
-redis-py closes the connection it was reading from.
+request can be handed a reply meant for another. Every batch has a deadline; a batch that
+fails or runs out of time closes its connection, so no late reply can reach a later batch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import ResponseError
 
 from service.tiers.base import TierError
 
@@ -58,11 +59,10 @@ class AutoPipeline:
     async def _send(self, batch: list[_Waiter]) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                pipe = self._client.pipeline(transaction=False)
-                for commands, _ in batch:
-                    for command in commands:
-                        pipe.execute_command(*command)
-                replies = await pipe.execute(raise_on_error=False)
+                if isinstance(self._client, RedisCluster):
+                    replies = await self._send_to_cluster(batch)
+                else:
+                    replies = await self._send_on_one_connection(batch)
         except (Exception, asyncio.CancelledError) as error:
             reason = f"redis pipeline failed: {type(error).__name__}: {error}"
             for _, future in batch:
@@ -77,6 +77,37 @@ class AutoPipeline:
             position += len(commands)
             if not future.done():
                 future.set_result(answer)
+
+    async def _send_to_cluster(self, batch: list[_Waiter]) -> list[Any]:
+        """A cluster pipeline: redis-py groups the commands by the node owning their slot."""
+        pipe = self._client.pipeline(transaction=False)
+        for commands, _ in batch:
+            for command in commands:
+                pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def _send_on_one_connection(self, batch: list[_Waiter]) -> list[Any]:
+        """Write every command in one packet and read the replies in order: what a pipeline
+        does, without building one per batch (a fifth of a cache hit's cost)."""
+        assert isinstance(self._client, Redis)
+        commands = [command for queued, _ in batch for command in queued]
+        pool = self._client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # unannotated upstream
+        try:
+            await connection.send_packed_command(connection.pack_commands(commands))
+            replies: list[Any] = []
+            for command in commands:
+                try:
+                    replies.append(await self._client.parse_response(connection, command[0]))
+                except ResponseError as error:
+                    replies.append(error)
+        except BaseException:
+            # Replies may still be on their way: this connection must never be reused.
+            await connection.disconnect()
+            raise
+        finally:
+            await pool.release(connection)
+        return replies
 
     async def close(self) -> None:
         """Wait for batches already sent, so shutdown does not cut replies in half."""
