@@ -150,7 +150,7 @@ class Cascade:
         if self.mode.redis_usable:
             try:
                 if not await self.redis.set(key, entry):
-                    await self._superseded(key, entry.version)
+                    await self.drop_superseded(key, entry.version)
                 return
             except TierError as error:
                 self._redis_failed(error)
@@ -214,8 +214,8 @@ class Cascade:
             await self._journal(op, target, None, version)
         return {"redis": redis, "memory": memory, "database": database}
 
-    async def _superseded(self, key: str, version: int) -> None:
-        """Redis holds a newer write than ours: keep no copy of ours locally."""
+    async def drop_superseded(self, key: str, version: int) -> None:
+        """Redis holds a newer write than ours (at `version`): keep no copy of ours locally."""
         self.memory.invalidate(key, version + 1)
         try:
             await self.database.delete(key, below=version + 1)

@@ -198,8 +198,7 @@ class Coherence:
             if await self._redis.set(row.key, row.entry):
                 return "applied"
             # Another instance wrote this key later: our copy is the older one.
-            self._memory.invalidate(row.key, row.version + 1)
-            await self._database.delete(row.key, below=row.version + 1)
+            await self._cascade.drop_superseded(row.key, row.version)
             return "superseded"
         if row.op == "delete":
             await self._redis.delete(row.key, row.version)

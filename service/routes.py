@@ -29,11 +29,14 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_bytes_response(data, status=status, dumps=orjson.dumps)
 
 
-def _key(request: web.Request) -> str:
-    key = request.match_info["key"]
+def _check_length(key: str) -> str:
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         raise BadRequest(f"key is longer than {MAX_KEY_BYTES} bytes")
     return key
+
+
+def _key(request: web.Request) -> str:
+    return _check_length(request.match_info["key"])
 
 
 def _hit_rate(hits: float, misses: float) -> str:
@@ -57,8 +60,7 @@ async def set_value(request: web.Request) -> web.Response:
     key = body.get("key")
     if not isinstance(key, str) or not key:
         raise BadRequest("key must be a non-empty string")
-    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
-        raise BadRequest(f"key is longer than {MAX_KEY_BYTES} bytes")
+    _check_length(key)
     if key == STATS_KEY:
         raise BadRequest(f"the key {STATS_KEY!r} is reserved for the stats route")
     if "value" not in body:
