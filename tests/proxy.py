@@ -46,12 +46,16 @@ class LinkProxy:
         await self.cut()
 
     async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        self._writers.add(client_w)  # a cut while Redis is being dialled aborts it too
         try:
             redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             client_w.transport.abort()
             return
-        self._writers.update((client_w, redis_w))
+        if client_w.transport.is_closing():
+            redis_w.transport.abort()
+            return
+        self._writers.add(redis_w)
         for source, sink in ((client_r, redis_w), (redis_r, client_w)):
             task = asyncio.create_task(self._pipe(source, sink))
             self._pipes.add(task)

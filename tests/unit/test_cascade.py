@@ -11,6 +11,7 @@ import fakeredis
 import pytest
 
 from service.cascade import Cascade
+from service.coherence import Coherence
 from service.errors import WriteRejected
 from service.metrics import Metrics
 from service.mode import Mode
@@ -19,6 +20,7 @@ from service.tiers.memory import MemoryTier
 from service.tiers.redis import RedisTier
 from service.tiers.sqlite import SqliteTier
 from service.versions import VersionClock
+from tests.polling import poll
 
 
 @dataclass
@@ -179,3 +181,53 @@ async def test_a_late_delete_takes_back_an_earlier_promotion(world: World) -> No
     await world.cascade.undo_promotions("k".__eq__, 1)
     await world.cascade.drain()
     assert await world.redis.get("k") is not None
+
+
+@pytest.mark.parametrize("change", ["overwrite", "delete", "pattern"])
+async def test_reads_after_recovery_never_take_redis_copies_older_than_the_journal(
+    world: World, change: str
+) -> None:
+    """Changes journaled while a recovery replays the journal reach Redis only after the flip;
+    until they do, a read must serve them, not the older copy the replay already put there."""
+    coherence = Coherence(
+        world.cascade, world.cascade.versions, world.metrics,
+        fakeredis.FakeAsyncRedis(server=world.server),
+    )  # fmt: skip
+    await coherence.open()
+    await coherence.resync()
+    world.mode.redis_failed("test")
+    await world.cascade.set("k:1", b"1", None)  # journaled, and replayed before the flip
+
+    high_water = world.database.journal_high_water
+
+    async def a_change_arrives_during_the_replay() -> int:
+        mark = await high_water()
+        if change == "overwrite":
+            await world.cascade.set("k:1", b"2", None)
+        elif change == "delete":
+            await world.cascade.delete("k:1")
+        else:
+            await world.cascade.delete_pattern("k:*")
+        return mark
+
+    world.database.journal_high_water = a_change_arrives_during_the_replay  # type: ignore[method-assign]
+    await coherence.resync()
+    held = await world.redis.get("k:1")  # the replay before the flip put the first write there
+    assert held is not None
+    assert held.raw == b"1"
+    expected = b"2" if change == "overwrite" else None
+
+    async with coherence._lock:  # the drain waits: Redis still holds the older copy
+        world.mode.redis_recovered("test")
+        hit = await world.cascade.get("k:1")
+        assert (hit.entry.raw if hit else None) == expected
+        assert await world.cascade.contains("k:1") == (expected is not None)
+
+    async def drained() -> bool:  # the drain stops noting once the journal is replayed
+        return not world.cascade.unreplayed.tracking
+
+    assert await poll(drained, bool, within=5)
+    assert world.database.journal_pending == 0
+    held = await world.redis.get("k:1")
+    assert (held.raw if held else None) == expected
+    await coherence.close()
