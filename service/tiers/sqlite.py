@@ -5,6 +5,11 @@ committed waits for the next one, so concurrent writers share one commit instead
 for one each. A write is acknowledged only after its transaction committed. Reads use their
 own connection, so they never wait behind a commit (WAL lets them run side by side).
 
+Lookups of single keys are batched the same way: those that arrive while a batch is being read
+are answered together by the next one, one thread hand-off for all of them. Keys found absent
+are remembered, so a key asked for again costs no hand-off at all: only this process writes its
+file, and only `set` adds rows, so "not in the file" stays true until a set of that key.
+
 The same file holds the journal of changes made while Redis was unusable (written in the
 transaction of the change itself, so it survives a crash) and a little metadata: this
 instance's identity and its position in the invalidation feed.
@@ -13,8 +18,11 @@ instance's identity and its position in the invalidation feed.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +65,16 @@ _UPSERT = (
 _JOURNAL = "INSERT INTO journal (op, key, value, expires_at, version) VALUES (?, ?, ?, ?, ?)"
 _LIVE = "(expires_at IS NULL OR expires_at > ?)"
 
+#: The most keys one batched lookup asks for: well under SQLite's limit on bound parameters
+#: (999 before 3.32), and more than a batch holds unless the reader fell far behind.
+LOOKUP_BATCH_MAX_KEYS = 500
+
+#: Memory for remembering keys absent from the file: an eighth of the memory tier's default
+#: budget, tens of thousands of typical keys (a few thousand of the longest allowed).
+ABSENT_KEYS_MAX_BYTES = 8 * 1024 * 1024
+#: What remembering one key costs besides its text: the key object and its ordered-dict slot.
+_ABSENT_KEY_OVERHEAD_BYTES = 144
+
 OpKind = Literal["set", "delete", "pattern", "sweep", "forget", "meta", "keep_only_journaled"]
 
 
@@ -97,6 +115,56 @@ def _match_function(pattern: str, key: str) -> bool:
     return compile_pattern(pattern)(key)
 
 
+@functools.cache
+def _lookup_sql(keys: int) -> str:
+    """The batched lookup of this many keys; expiry is checked on the rows, to tell an expired
+    row (which a clock stepped back could revive) from a key with no row at all."""
+    marks = ",".join("?" * keys)
+    return f"SELECT key, value, expires_at, version FROM entries WHERE key IN ({marks})"
+
+
+class _AbsentKeys:
+    """Keys known to have no row in the file, within a memory budget (least recently asked
+    for go first).
+
+    An OrderedDict rather than cachetools' LRUCache: measured, half the memory per key and a
+    third of the time per hit, which is the whole point of remembering misses.
+    """
+
+    __slots__ = ("_budget", "_keys", "_used")
+
+    def __init__(self, max_bytes: int) -> None:
+        self._budget = max_bytes
+        #: key -> the bytes it accounts for
+        self._keys: OrderedDict[str, int] = OrderedDict()
+        self._used = 0
+
+    def hit(self, key: str) -> bool:
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return True
+        return False
+
+    def add(self, key: str) -> None:
+        if key in self._keys:
+            return
+        cost = len(key) + _ABSENT_KEY_OVERHEAD_BYTES
+        self._keys[key] = cost
+        self._used += cost
+        while self._used > self._budget:
+            self._used -= self._keys.popitem(last=False)[1]
+
+    def discard(self, key: str) -> None:
+        self._used -= self._keys.pop(key, 0)
+
+    def clear(self) -> None:
+        self._keys.clear()
+        self._used = 0
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 class SqliteTier:
     """Entries in a SQLite file; expired rows are never served and are swept in the background."""
 
@@ -109,6 +177,7 @@ class SqliteTier:
         synchronous: str = "NORMAL",
         busy_timeout_seconds: float = 2.0,
         clock: Callable[[], float] = time.time,
+        absent_keys_max_bytes: int = ABSENT_KEYS_MAX_BYTES,
     ) -> None:
         self._metrics = metrics
         self._path = path
@@ -122,8 +191,19 @@ class SqliteTier:
         self._flusher: asyncio.Task[None] | None = None
         self._entries = metrics.tier_entries.labels(self.name)
         self.journal_pending = 0
+        #: Lookups waiting for the next batch: key -> the futures of everyone asking for it.
+        self._lookups: dict[str, list[asyncio.Future[Entry | None]]] = {}
+        self._looker: asyncio.Task[None] | None = None
+        self._absent = _AbsentKeys(absent_keys_max_bytes)
+        #: Keys with a set submitted and not yet committed (or failed): how many such sets.
+        self._unsettled: dict[str, int] = {}
+        #: While a lookup batch is being read: keys whose set was submitted or settled since
+        #: it started. Its misses of these keys may predate the set, so are not remembered.
+        self._touched: set[str] | None = None
 
     async def open(self) -> None:
+        # The file may hold rows from an earlier run: nothing is known absent yet.
+        self._absent.clear()
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._writer = await self._connect()
         await self._writer.executescript(SCHEMA)
@@ -144,6 +224,8 @@ class SqliteTier:
     async def close(self) -> None:
         if self._flusher is not None:
             await asyncio.shield(self._flusher)
+        if self._looker is not None:
+            await asyncio.shield(self._looker)
         for conn in (self._reader, self._writer):
             if conn is not None:
                 await conn.close()
@@ -152,24 +234,81 @@ class SqliteTier:
     # Reads
 
     async def get(self, key: str) -> Entry | None:
-        try:
-            async with self._read().execute(
-                f"SELECT value, expires_at, version FROM entries WHERE key = ? AND {_LIVE}",
-                (key, self._clock()),
-            ) as cursor:
-                row = await cursor.fetchone()
-        except sqlite3.Error as error:
-            raise TierError(f"sqlite read failed: {error}") from error
-        return None if row is None else Entry(bytes(row[0]), row[1], row[2])
+        if self._absent.hit(key):
+            return None
+        return await self._lookup(key)
 
     async def contains(self, key: str) -> bool:
+        if self._absent.hit(key):
+            return False
+        return await self._lookup(key) is not None
+
+    def _lookup(self, key: str) -> asyncio.Future[Entry | None]:
+        """Queue a lookup for the next batch; the future is dropped, not failed, if its
+        caller is cancelled."""
+        if self._reader is None:
+            raise TierError("sqlite tier is closed")
+        future: asyncio.Future[Entry | None] = asyncio.get_running_loop().create_future()
+        waiting = self._lookups.get(key)
+        if waiting is None:
+            self._lookups[key] = [future]
+        else:
+            waiting.append(future)
+        if self._looker is None:
+            # Started on the next turn of the loop: lookups queued in this one join its batch.
+            self._looker = asyncio.create_task(self._lookup_loop())
+        return future
+
+    async def _lookup_loop(self) -> None:
         try:
-            async with self._read().execute(
-                f"SELECT 1 FROM entries WHERE key = ? AND {_LIVE}", (key, self._clock())
-            ) as cursor:
-                return await cursor.fetchone() is not None
-        except sqlite3.Error as error:
-            raise TierError(f"sqlite read failed: {error}") from error
+            while self._lookups:
+                if len(self._lookups) <= LOOKUP_BATCH_MAX_KEYS:
+                    batch, self._lookups = self._lookups, {}
+                else:
+                    keys = list(itertools.islice(self._lookups, LOOKUP_BATCH_MAX_KEYS))
+                    batch = {key: self._lookups.pop(key) for key in keys}
+                await self._look_up(batch)
+        finally:
+            self._looker = None
+
+    async def _look_up(self, batch: dict[str, list[asyncio.Future[Entry | None]]]) -> None:
+        """Answer every future in the batch from one query."""
+        keys = list(batch)
+        now = self._clock()
+        touched: set[str] = set()
+        self._touched = touched
+        try:
+            rows = await self._read().execute_fetchall(_lookup_sql(len(keys)), keys)
+        except (Exception, asyncio.CancelledError) as error:
+            # Anything (even a closed connection's ValueError) reaches every waiter as a
+            # TierError: a waiter left without an answer would wait forever.
+            for waiting in batch.values():
+                for future in waiting:
+                    if not future.done():
+                        future.set_exception(TierError(f"sqlite read failed: {error}"))
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            return
+        finally:
+            self._touched = None
+        found = {
+            key: Entry(bytes(value), expires_at, version)
+            if expires_at is None or expires_at > now
+            else None
+            for key, value, expires_at, version in rows
+        }
+        for key, waiting in batch.items():
+            entry = found.get(key)
+            if (
+                entry is None
+                and key not in found
+                and key not in touched
+                and key not in self._unsettled
+            ):
+                self._absent.add(key)
+            for future in waiting:
+                if not future.done():
+                    future.set_result(entry)
 
     async def ready(self) -> bool:
         """Whether the file answers a trivial query."""
@@ -272,6 +411,12 @@ class SqliteTier:
     async def _submit(self, op: _Op) -> int:
         if self._writer is None:
             raise TierError("sqlite tier is closed")
+        if op.kind == "set" and op.apply:
+            # The only way a row enters the file: the key is no longer known absent.
+            self._absent.discard(op.key)
+            self._unsettled[op.key] = self._unsettled.get(op.key, 0) + 1
+            if self._touched is not None:
+                self._touched.add(op.key)
         self._pending.append(op)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush_loop())
@@ -282,9 +427,26 @@ class SqliteTier:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                await self._commit(batch)
+                try:
+                    await self._commit(batch)
+                finally:
+                    self._settle(batch)
         finally:
             self._flusher = None
+
+    def _settle(self, batch: Sequence[_Op]) -> None:
+        """The sets of a finished transaction no longer keep their keys from being recorded
+        as absent, except from a lookup that was being read meanwhile (it may have missed
+        the commit)."""
+        for op in batch:
+            if op.kind == "set" and op.apply:
+                left = self._unsettled[op.key] - 1
+                if left:
+                    self._unsettled[op.key] = left
+                else:
+                    del self._unsettled[op.key]
+                if self._touched is not None:
+                    self._touched.add(op.key)
 
     async def _commit(self, batch: Sequence[_Op]) -> None:
         assert self._writer is not None
