@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from service.logging import configure_logging
 from service.settings import Settings, describe_error
+from service.tiers.base import TierError
 from service.workers import run_workers
 
 MAX_REQUEST_LINE_BYTES = 32 * 1024
@@ -63,19 +64,23 @@ def serve(settings: Settings) -> None:
         loop_factory = None
     else:
         loop_factory = uvloop.new_event_loop
-    web.run_app(
-        create_app(settings),
-        host=settings.http_host,
-        port=settings.http_port,
-        reuse_port=settings.workers > 1,
-        # Room for a 1024-byte key percent-encoded (up to 12 KiB) in the request line, so an
-        # over-long key gets the API's JSON 400 rather than the HTTP parser's plain-text one.
-        max_line_size=MAX_REQUEST_LINE_BYTES,
-        max_field_size=MAX_REQUEST_LINE_BYTES,
-        print=None,
-        access_log=None,
-        loop=loop_factory() if loop_factory else None,
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.http_host,
+            port=settings.http_port,
+            reuse_port=settings.workers > 1,
+            # Room for a 1024-byte key percent-encoded (up to 12 KiB) in the request line, so
+            # an over-long key gets the API's JSON 400 rather than the HTTP parser's plain text.
+            max_line_size=MAX_REQUEST_LINE_BYTES,
+            max_field_size=MAX_REQUEST_LINE_BYTES,
+            print=None,
+            access_log=None,
+            loop=loop_factory() if loop_factory else None,
+        )
+    except TierError as error:  # a tier that cannot start (e.g. the SQLite file): one line
+        structlog.get_logger("tiercache").error("cannot start", error=str(error))
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

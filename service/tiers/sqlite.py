@@ -18,6 +18,7 @@ instance's identity and its position in the invalidation feed.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import functools
 import itertools
 import sqlite3
@@ -26,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import aiosqlite
 import structlog
@@ -200,18 +201,43 @@ class SqliteTier:
         #: While a lookup batch is being read: keys whose set was submitted or settled since
         #: it started. Its misses of these keys may predate the set, so are not remembered.
         self._touched: set[str] | None = None
+        self._lock_file: TextIO | None = None
 
     async def open(self) -> None:
+        """Open (or create) the file; TierError, saying why, when it cannot be used."""
         # The file may hold rows from an earlier run: nothing is known absent yet.
         self._absent.clear()
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._connect()
-        await self._writer.executescript(SCHEMA)
-        self._reader = await self._connect()
-        async with self._reader.execute("SELECT count(*) FROM journal") as cursor:
-            row = await cursor.fetchone()
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._claim_file()
+            self._writer = await self._connect()
+            await self._writer.executescript(SCHEMA)
+            self._reader = await self._connect()
+            async with self._reader.execute("SELECT count(*) FROM journal") as cursor:
+                row = await cursor.fetchone()
+        except (OSError, sqlite3.Error) as error:
+            await self.close()
+            raise TierError(f"cannot open the SQLite file {self._path}: {error}") from error
         self._set_journal_pending(int(row[0]) if row else 0)
         await self.sweep()
+
+    def _claim_file(self) -> None:
+        """Hold an exclusive lock beside the file for as long as it is open.
+
+        One process per file: the file holds the instance's identity in the feed, its journal,
+        and what the absent-key memory relies on (no other writer). A second process on the
+        same file would share an identity and ignore the other's changes, so it is refused.
+        """
+        lock = open(self._path.with_name(self._path.name + ".lock"), "a")  # noqa: SIM115  # held until close()
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise TierError(
+                f"the SQLite file {self._path} is in use by another process: give each "
+                "instance (and each worker) a CACHE_DB_PATH of its own"
+            ) from None
+        self._lock_file = lock
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self._path, isolation_level=None)
@@ -230,6 +256,9 @@ class SqliteTier:
             if conn is not None:
                 await conn.close()
         self._reader = self._writer = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the lock
+            self._lock_file = None
 
     # Reads
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -103,3 +104,22 @@ def test_the_example_env_file_is_valid_and_documents_every_setting() -> None:
         if "=" in line and line.lstrip("# ")[:1].isupper()
     }
     assert {name.upper() for name in Settings.model_fields} <= documented
+
+
+def test_a_sqlite_file_that_cannot_be_opened_stops_start_up_with_one_line(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_text("")
+    env = {
+        **os.environ, "REDIS_PORT": "1", "HTTP_PORT": "0", "LOG_FORMAT": "json",
+        "CACHE_DB_PATH": str(tmp_path / "file" / "x.db"),
+    }  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "service"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["event"] == "cannot start"
+    assert "cannot open the SQLite file" in last["error"]

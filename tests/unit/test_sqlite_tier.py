@@ -314,3 +314,23 @@ def test_absent_keys_stay_within_their_budget() -> None:
     absent.discard("k3")
     absent.add("k5")
     assert all(absent.hit(key) for key in ("k1", "k4", "k5"))
+
+
+async def test_one_process_per_file_a_second_opener_is_refused(tmp_path: Path) -> None:
+    first = SqliteTier(Metrics(), tmp_path / "c.db")
+    await first.open()
+    second = SqliteTier(Metrics(), tmp_path / "c.db")
+    with pytest.raises(TierError, match="in use by another process"):
+        await second.open()
+    await first.close()
+    await second.open()  # the lock went with the first tier
+    await second.set("k", Entry(b"1", None, 1))
+    assert await second.get("k") == Entry(b"1", None, 1)
+    await second.close()
+
+
+async def test_an_unusable_path_is_a_tier_error_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    tier = SqliteTier(Metrics(), tmp_path / "file" / "c.db")
+    with pytest.raises(TierError, match=r"cannot open the SQLite file .*file/c\.db"):
+        await tier.open()
