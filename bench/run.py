@@ -1161,8 +1161,9 @@ def render_rss(results: dict[str, Any]) -> str:
         f"Service in full mode (own Redis), MEMORY_MAX_BYTES={bound // MiB} MiB, "
         f"MEMORY_MAX_ENTRIES=100,000,000 (so the byte bound is the one that binds), values of "
         f"{r['value_bytes']} bytes, every POST a new key (wrk -c{CONNECTIONS}, "
-        f"{r.get('chunk_s', 10)} s chunks). The tier counts each entry as len(value) + 200 "
-        f"bytes (ENTRY_OVERHEAD_BYTES). Idle RSS (after start-up and a 1 s warm-up): "
+        f"{r.get('chunk_s', 10)} s chunks). The tier counts each entry as its key and value "
+        f"plus a fixed overhead (ENTRY_OVERHEAD_BYTES in service/tiers/memory.py). "
+        f"Idle RSS (after start-up and a 1 s warm-up): "
         f"{idle / MiB:.1f} MiB; peak (VmHWM) {r['rss_peak_hwm'] / MiB:.1f} MiB.{scaled}\n\n"
         + md_table(
             [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from service.metrics import Metrics
 from service.tiers.base import Entry
 from service.tiers.memory import ENTRY_OVERHEAD_BYTES, MemoryTier
@@ -68,7 +70,7 @@ def test_entry_bound_evicts_least_recently_used() -> None:
 
 
 def test_byte_bound_evicts_and_counts() -> None:
-    per_entry = 100 + ENTRY_OVERHEAD_BYTES
+    per_entry = len("k0") + 100 + ENTRY_OVERHEAD_BYTES
     tier, _, metrics = make(max_bytes=per_entry * 5)
     for i in range(8):
         tier.set(f"k{i}", Entry(b"v" * 100, None))
@@ -104,3 +106,105 @@ def test_metrics_follow_the_contents() -> None:
     assert metrics.registry.get_sample_value("tiercache_memory_bytes") == tier.bytes_used
     tier.delete("a")
     assert metrics.registry.get_sample_value("tiercache_tier_entries", {"tier": "memory"}) == 0
+
+
+def test_an_expired_entry_found_by_a_read_is_dropped() -> None:
+    tier, clock, metrics = make()
+    tier.set("a", Entry(b"1", clock.now + 10))
+    tier.set("b", Entry(b"2", clock.now + 10))
+    tier.set("c", Entry(b"3", None))
+    clock.now += 10  # expiry is exclusive: at expires_at the entry is gone
+    assert tier.get("a") is None
+    assert len(tier) == 2
+    assert not tier.contains("b")
+    assert len(tier) == 1
+    assert tier.bytes_used == len("c") + 1 + ENTRY_OVERHEAD_BYTES
+    assert metrics.registry.get_sample_value("tiercache_tier_entries", {"tier": "memory"}) == 1
+    assert metrics.registry.get_sample_value("tiercache_memory_bytes") == tier.bytes_used
+    assert evictions(metrics) == 0  # expiry is not an eviction
+
+
+def test_expire_drops_expired_entries_only() -> None:
+    tier, clock, metrics = make()
+    for i in range(10):
+        tier.set(f"t{i}", Entry(b"x", clock.now + 1 + i))
+        tier.set(f"n{i}", Entry(b"x", None))
+    clock.now += 5.5
+    tier.expire()
+    assert len(tier) == 15
+    assert sorted(k for k in (f"t{i}" for i in range(10)) if tier.contains(k)) == [
+        f"t{i}" for i in range(5, 10)
+    ]
+    assert tier.bytes_used == 15 * (2 + 1 + ENTRY_OVERHEAD_BYTES)
+    assert metrics.registry.get_sample_value("tiercache_tier_entries", {"tier": "memory"}) == 15
+    assert metrics.registry.get_sample_value("tiercache_memory_bytes") == tier.bytes_used
+
+
+def test_expired_entries_are_not_counted_by_deletes_or_invalidated() -> None:
+    tier, clock, _ = make()
+    tier.set("user:1", Entry(b"1", clock.now + 1, version=1))
+    tier.set("user:2", Entry(b"1", None, version=1))
+    tier.set("gone", Entry(b"1", clock.now + 1, version=1))
+    tier.set("old", Entry(b"1", clock.now + 1, version=1))
+    clock.now += 2
+    assert tier.delete_pattern("user:*") == 1
+    assert tier.delete("gone") == 0
+    assert tier.invalidate("old", below=5) == 0
+    assert len(tier) == 1  # user:1, expired, is left for expire()
+    tier.expire()
+    assert len(tier) == 0
+    assert tier.bytes_used == 0
+
+
+def test_reads_refresh_recency_but_contains_does_not() -> None:
+    tier, _, _ = make(max_entries=3)
+    for key in "abc":
+        tier.set(key, Entry(b"x", None))
+    assert tier.contains("a")  # a stays the least recently used
+    tier.get("b")
+    tier.set("d", Entry(b"x", None))  # evicts a
+    tier.set("e", Entry(b"x", None))  # evicts c
+    assert [k for k in "abcde" if tier.contains(k)] == ["b", "d", "e"]
+
+
+def test_overwrite_accounts_bytes_and_refreshes_recency() -> None:
+    per_entry = 1 + 100 + ENTRY_OVERHEAD_BYTES
+    tier, _, metrics = make(max_bytes=per_entry * 3)
+    for key in "abc":
+        tier.set(key, Entry(b"v" * 100, None))
+    tier.set("a", Entry(b"w" * 50, None))  # smaller, and now the most recently used
+    assert tier.bytes_used == 3 * per_entry - 50
+    assert evictions(metrics) == 0
+    tier.set("a", Entry(b"w" * 150, None))  # 50 more than fit: b, the least recent, goes
+    assert [k for k in "abc" if tier.contains(k)] == ["a", "c"]
+    assert tier.bytes_used == 2 * per_entry + 50
+    assert evictions(metrics) == 1
+
+
+@pytest.mark.parametrize(("max_entries", "max_bytes"), [(7, 10**9), (10**9, 7_000), (20, 5_000)])
+def test_both_bounds_hold_under_churn(max_entries: int, max_bytes: int) -> None:
+    tier, clock, metrics = make(max_entries=max_entries, max_bytes=max_bytes)
+    expected = 0
+    for i in range(500):
+        key = f"key{i % 37}:{i}"
+        entry = Entry(b"v" * (i % 300), clock.now + 3 if i % 4 == 0 else None)
+        tier.set(key, entry)
+        expected += len(key) + len(entry.raw) + ENTRY_OVERHEAD_BYTES
+        if i % 50 == 0:
+            clock.now += 1
+            tier.expire()
+        assert len(tier) <= max_entries
+        assert tier.bytes_used <= max_bytes
+        assert tier.get(key) == entry  # the newest write is always held
+    assert evictions(metrics) > 0
+    held = [k for k in (f"key{i % 37}:{i}" for i in range(500)) if tier.contains(k)]
+    assert len(held) == len(tier)
+
+
+def test_key_length_counts_towards_the_byte_bound() -> None:
+    tier, _, _ = make(max_bytes=1_000 + ENTRY_OVERHEAD_BYTES)
+    tier.set("k" * 600, Entry(b"v" * 400, None))
+    assert len(tier) == 1
+    tier.set("k" * 601, Entry(b"v" * 400, None))  # one byte too big to hold at all
+    assert tier.get("k" * 601) is None
+    assert tier.get("k" * 600) is not None  # nothing was evicted for it
