@@ -625,6 +625,9 @@ MEASURES: dict[str, Measure] = {m.name: m for m in [
     Measure("service GET (memory hit)", "svc_deg", "get.lua", [f"{API}/k", str(KEYS)],
             "tiercache, degraded mode (no Redis): hit served by the memory tier",
             f"{API}/k1", _tier_is("memory")),
+    Measure("service GET (near-cache hit)", "svc_near", "get.lua", [f"{API}/k", str(KEYS)],
+            "tiercache, full mode with CACHE_READ_MODE=near: hit served by the memory tier "
+            "before Redis is asked", f"{API}/k1", _tier_is("memory")),
     Measure("service GET (miss)", "svc", "get.lua", [f"{API}/miss-", str(KEYS)],
             "tiercache, full mode: key in no tier (Redis, memory, SQLite all asked)",
             f"{API}/miss-1", _status_is(404)),
@@ -654,11 +657,13 @@ THROUGHPUT_SCENARIOS = {s.name: s for s in [
     Scenario("get_redis", "GET hit served by Redis",
              ["service GET (redis hit)", "plain", "plain+uvloop", "naive", "naive-fast",
               "webdis"], "plain", "naive"),
-    Scenario("get_memory", "GET hit served by memory (service in degraded mode)",
-             ["service GET (memory hit)", "plain", "plain+uvloop", "dict", "naive"],
+    Scenario("get_memory", "GET hit served by memory (degraded mode and near-cache mode)",
+             ["service GET (memory hit)", "service GET (near-cache hit)", "plain",
+              "plain+uvloop", "dict", "naive"],
              "plain", "naive",
-             "Degraded mode: REDIS_URL points at a port nothing listens on; keys seeded by "
-             "POST. The near-cache mode does not exist yet, so it is not measured."),
+             "Degraded mode: REDIS_URL points at a port nothing listens on. Near-cache mode: "
+             "the service has its own Redis, in full mode, and reads memory first "
+             "(CACHE_READ_MODE=near). Both seeded with the 10k keys by POST."),
     Scenario("get_miss", "GET miss through all tiers",
              ["service GET (miss)", "naive GET (miss)", "naive-fast GET (miss)", "plain"],
              "plain", "naive GET (miss)"),
@@ -675,7 +680,7 @@ VARIANT = " [variant]"
 def add_variant_measures() -> None:
     """A "[variant]" twin of every service measure, placed right after it in each table."""
     for name, m in list(MEASURES.items()):
-        if m.server in ("svc", "svc_deg"):
+        if m.server in ("svc", "svc_deg", "svc_near"):
             twin = Measure(**{**asdict(m), "check": m.check})
             twin.name, twin.server = name + VARIANT, m.server + "_b"
             twin.what = m.what + " (variant source)"
@@ -1336,6 +1341,13 @@ class Run:
             self.servers["svc_deg"] = svc
             log("seeding the service (degraded mode) with 10k keys via POST")
             seed_service(svc)
+        if "svc_near" in wanted:
+            redis = RedisServer.start(w, "svc_near")
+            svc = start_service(w, "near", redis.url, CACHE_READ_MODE="near")
+            svc.redis = redis
+            self.servers["svc_near"] = svc
+            log("seeding the service (near-cache mode) with 10k keys via POST")
+            seed_service(svc)
         variant = Path(self.args.variant).resolve() if self.args.variant else None
         if variant and "svc_b" in wanted:
             redis = RedisServer.start(w, "svc_b")
@@ -1349,6 +1361,13 @@ class Run:
             svc = start_service(w, "degraded-variant", f"redis://127.0.0.1:{dead}/0", src=variant)
             self.servers["svc_deg_b"] = svc
             log("seeding the variant service (degraded mode)")
+            seed_service(svc)
+        if variant and "svc_near_b" in wanted:
+            redis = RedisServer.start(w, "svc_near_b")
+            svc = start_service(w, "near-variant", redis.url, src=variant, CACHE_READ_MODE="near")
+            svc.redis = redis
+            self.servers["svc_near_b"] = svc
+            log("seeding the variant service (near-cache mode)")
             seed_service(svc)
         if "plain" in wanted:
             self.servers["plain"] = start_baseline(w, "plain", "plain.py")
@@ -1484,8 +1503,15 @@ class Run:
             )
         if "get_memory" in self.scenarios:
             add(
-                "GET served by memory ≥ 0.9× plain",
+                "GET served by memory ≥ 0.9× plain (degraded mode)",
                 "service GET (memory hit)",
+                "plain",
+                0.9,
+                "service / plain",
+            )
+            add(
+                "GET served by memory ≥ 0.9× plain (near-cache mode)",
+                "service GET (near-cache hit)",
                 "plain",
                 0.9,
                 "service / plain",
