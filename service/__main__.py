@@ -104,7 +104,7 @@ def serve(settings: Settings) -> None:
             access_log=None,
             loop=loop_factory() if loop_factory else None,
         )
-    except TierError as error:  # a tier that cannot start (e.g. the SQLite file): one line
+    except (TierError, OSError) as error:  # the SQLite file, the HTTP port taken: one line
         structlog.get_logger("tiercache").error("cannot start", error=str(error))
         raise SystemExit(1) from None
 

@@ -80,11 +80,9 @@ class Mode:
         if changed:
             self._metrics.mode_transitions.labels(self.name).inc()
         if usable:
-            log.info(
-                "Redis available, using full cascade",
-                reason=reason,
-                outage_seconds=round(lasted, 3),
-            )
+            # At start-up there was no outage to report the length of.
+            outage = {"outage_seconds": round(lasted, 3)} if changed else {}
+            log.info("Redis available, using full cascade", reason=reason, **outage)
         else:
             log.warning("Redis not available, using memory/DB cache", reason=reason)
         self._publish()

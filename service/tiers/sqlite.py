@@ -217,7 +217,10 @@ class SqliteTier:
                 row = await cursor.fetchone()
         except (OSError, sqlite3.Error) as error:
             await self.close()
-            raise TierError(f"cannot open the SQLite file {self._path}: {error}") from error
+            reason = str(error)
+            if isinstance(error, FileExistsError | NotADirectoryError):
+                reason = f"{error.filename} is not a directory"
+            raise TierError(f"cannot open the SQLite file {self._path}: {reason}") from error
         self._set_journal_pending(int(row[0]) if row else 0)
         await self.sweep()
 

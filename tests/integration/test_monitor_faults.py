@@ -605,3 +605,17 @@ async def test_writes_made_while_redis_was_frozen_win_after_recovery(
     assert (status, got.get("value")) == (200, "during"), got
     status, got = await get(client, "gone")
     assert status == 404, got
+
+
+async def test_degraded_time_is_current_at_every_scrape(make_service: ServiceFactory) -> None:
+    """Even while the monitor waits out a long backoff, a scrape counts the time up to now."""
+    client = await make_service(
+        None, reconnect_backoff_base_seconds=60, reconnect_backoff_cap_seconds=60
+    )
+    assert await mode_is(client, "degraded")
+    first, started = await metric(client, "tiercache_degraded_seconds_total"), time.monotonic()
+    await asyncio.sleep(0.3)  # the monitor sleeps for 30-60 s meanwhile
+    second = await metric(client, "tiercache_degraded_seconds_total")
+    elapsed = time.monotonic() - started
+    # Between the two scrapes, the counter grew by the wall time between them (measured).
+    assert 0.25 <= second - first <= elapsed + 0.05

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,22 @@ def test_a_sqlite_file_that_cannot_be_opened_stops_start_up_with_one_line(
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["event"] == "cannot start"
     assert "cannot open the SQLite file" in last["error"]
+
+
+def test_an_http_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            **os.environ, "REDIS_PORT": "1", "LOG_FORMAT": "json",
+            "HTTP_PORT": str(taken.getsockname()[1]), "CACHE_DB_PATH": str(tmp_path / "x.db"),
+        }  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "service"], cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["event"] == "cannot start"
+    assert "address already in use" in last["error"]

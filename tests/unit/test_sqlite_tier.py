@@ -332,5 +332,5 @@ async def test_one_process_per_file_a_second_opener_is_refused(tmp_path: Path) -
 async def test_an_unusable_path_is_a_tier_error_naming_it(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     tier = SqliteTier(Metrics(), tmp_path / "file" / "c.db")
-    with pytest.raises(TierError, match=r"cannot open the SQLite file .*file/c\.db"):
+    with pytest.raises(TierError, match=r"SQLite file .*file/c\.db: .*file is not a directory"):
         await tier.open()
