@@ -11,7 +11,7 @@ from aiohttp import web
 import monitor
 from service.cascade import Cascade
 from service.coherence import FEED_BLOCK_MILLISECONDS, Coherence
-from service.errors import error_middleware
+from service.errors import request_middleware
 from service.keys import (
     cascade_key,
     coherence_key,
@@ -24,7 +24,7 @@ from service.keys import (
 )
 from service.metrics import Metrics
 from service.mode import Mode
-from service.routes import setup_routes, timing_middleware
+from service.routes import setup_routes
 from service.security import auth_middleware, rate_limit_middleware
 from service.settings import Settings
 from service.tasks import stop_task
@@ -41,7 +41,7 @@ BODY_OVERHEAD_BYTES = 64 * 1024
 def create_app(settings: Settings) -> web.Application:
     guards = [auth_middleware(settings), rate_limit_middleware(settings)]
     app = web.Application(
-        middlewares=[error_middleware, timing_middleware, *(g for g in guards if g)],
+        middlewares=[request_middleware, *(g for g in guards if g)],
         client_max_size=2 * settings.cache_max_value_bytes + BODY_OVERHEAD_BYTES,
     )
     metrics = Metrics()

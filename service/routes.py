@@ -9,7 +9,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from service import glob
@@ -193,15 +192,3 @@ def setup_routes(app: web.Application) -> None:
         return await exposition(request)
 
     app.router.add_get("/metrics", scrape)
-
-
-@web.middleware
-async def timing_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Observe each request's latency under its route's template, not its concrete path."""
-    started = time.perf_counter()
-    try:
-        return await handler(request)
-    finally:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        request.app[metrics_key].observe_duration(route, time.perf_counter() - started)
