@@ -26,7 +26,6 @@ from service.tiers.base import Entry, TierError
 from service.tiers.memory import MemoryTier
 from service.tiers.redis import RedisTier
 from service.tiers.sqlite import SqliteTier
-from service.unreplayed import Unreplayed
 from service.versions import VersionClock
 
 log = structlog.get_logger("tiercache.cascade")
@@ -67,7 +66,6 @@ class Cascade:
         self.mode = mode
         self.versions = versions
         self.near_cache = near_cache
-        self.unreplayed = Unreplayed()
         self._clock = clock
         self._background: set[asyncio.Task[None]] = set()
         #: Recent promotions into Redis: key -> (version, monotonic time, task).
@@ -92,7 +90,7 @@ class Cascade:
             except TierError as error:
                 self._redis_failed(error)
             else:
-                if entry is not None and not self.unreplayed.hides(key, entry.version):
+                if entry is not None and not self.database.unreplayed.hides(key, entry.version):
                     self._hits["redis"].inc()
                     if self.near_cache:
                         self.memory.set(key, entry)
@@ -125,12 +123,12 @@ class Cascade:
         """Whether any tier holds a live entry; moves nothing between tiers."""
         if self.mode.redis_usable:
             try:
-                if not self.unreplayed.tracking:
+                if not self.database.unreplayed.tracking:
                     if await self.redis.contains(key):
                         return True
                 else:
                     entry = await self.redis.get(key)
-                    if entry is not None and not self.unreplayed.hides(key, entry.version):
+                    if entry is not None and not self.database.unreplayed.hides(key, entry.version):
                         return True
             except TierError as error:
                 self._redis_failed(error)
@@ -153,8 +151,6 @@ class Cascade:
             await self.database.set(key, entry, journal=journaled)
         except TierError as error:
             raise WriteRejected(str(error)) from error
-        if journaled:
-            self.unreplayed.note("set", key, entry.version)
         self.memory.set(key, entry)
         if self.mode.redis_usable:
             try:
@@ -209,8 +205,6 @@ class Cascade:
             database = await in_database(version, journaled)
         except TierError as error:
             raise WriteRejected(str(error)) from error
-        if journaled:
-            self.unreplayed.note(op, target, version)
         memory = in_memory()
         redis = 0
         if self.mode.redis_usable:
@@ -240,7 +234,6 @@ class Cascade:
         """Record a change that reached SQLite but not Redis, for replay when Redis is back."""
         try:
             await self.database.journal(op, key, entry, version)
-            self.unreplayed.note(op, key, version)
         except TierError as error:
             self._errors["database"].inc()
             log.error("journal write failed; change will not reach Redis", error=str(error),

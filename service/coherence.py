@@ -132,12 +132,12 @@ class Coherence:
             # Only what was journaled before now: writes keep arriving (and being journaled)
             # until the flip, and chasing them could keep the service degraded under load.
             # Those are noted from here on, so reads do not take Redis's older copies for them.
-            self._cascade.unreplayed.start()
+            self._database.unreplayed.start()
             try:
                 await self._replay_journal(up_to=await self._database.journal_high_water())
                 await self._save_position()
             except BaseException:
-                self._cascade.unreplayed.stop()  # still degraded: Redis is not read
+                self._database.unreplayed.stop()  # still degraded: Redis is not read
                 raise
         self._metrics.resyncs.labels(outcome).inc()
         log.info("resynchronised with redis", outcome=outcome, position=self.position)
@@ -196,7 +196,7 @@ class Coherence:
         try:
             async with self._lock:
                 await self._replay_journal(up_to=None)
-            self._cascade.unreplayed.stop()
+            self._database.unreplayed.stop()
         except TierError as error:
             log.warning("journal drain interrupted; it resumes at the next recovery",
                         error=str(error))  # fmt: skip

@@ -3,9 +3,9 @@
 When Redis is back, the journal is replayed up to its newest row before the mode flips to full,
 but writes keep arriving and being journaled meanwhile; those rows are replayed just after
 the flip. Until they are, Redis can still hold an older value of such a key (or one this
-instance deleted), and a full-mode read would serve it. While a recovery runs, the cascade
-notes every change it journals here, and a Redis hit older than a noted change is passed
-over for the local tiers, which already hold that change.
+instance deleted), and a full-mode read would serve it. While a recovery runs, the SQLite
+tier notes here every journal row it commits, and the cascade passes over a Redis hit older
+than a noted change for the local tiers, which already hold that change.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ import structlog
 from service.glob import compile_pattern, literal_prefix, prefix_upper_bound
 from service.metrics import Metrics
 from service.tiers.base import Entry, TierError
+from service.unreplayed import Unreplayed
 
 log = structlog.get_logger("tiercache.sqlite")
 
@@ -110,6 +111,11 @@ class _Op:
     apply: bool = True
     text: str = ""
     done: asyncio.Future[int] = field(default_factory=_new_future)
+
+    @property
+    def change_version(self) -> int:
+        """The version of the change: its entry's for a set, its own for a delete."""
+        return self.entry.version if self.entry else self.version
 
 
 def _match_function(pattern: str, key: str) -> bool:
@@ -192,6 +198,8 @@ class SqliteTier:
         self._flusher: asyncio.Task[None] | None = None
         self._entries = metrics.tier_entries.labels(self.name)
         self.journal_pending = 0
+        #: Journal rows committed while a recovery runs (see service/unreplayed.py).
+        self.unreplayed = Unreplayed()
         #: Lookups waiting for the next batch: key -> the futures of everyone asking for it.
         self._lookups: dict[str, list[asyncio.Future[Entry | None]]] = {}
         self._looker: asyncio.Task[None] | None = None
@@ -502,6 +510,10 @@ class SqliteTier:
                     op.done.set_exception(TierError(f"sqlite write failed: {error}"))
             return
         self._set_journal_pending(self.journal_pending + self._journal_delta)
+        if self.unreplayed.tracking:
+            for op in batch:
+                if op.journal:
+                    self.unreplayed.note(op.kind, op.key, op.change_version)
         for op, count in zip(batch, results, strict=True):
             if not op.done.done():
                 op.done.set_result(count)
@@ -559,7 +571,7 @@ class SqliteTier:
         rows = [
             (op.kind, op.key, op.entry.raw if op.entry else None,
              op.entry.expires_at if op.entry else None,
-             op.entry.version if op.entry else op.version)
+             op.change_version)
             for op in ops
             if op.journal
         ]  # fmt: skip

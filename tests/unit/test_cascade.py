@@ -224,7 +224,7 @@ async def test_reads_after_recovery_never_take_redis_copies_older_than_the_journ
         assert await world.cascade.contains("k:1") == (expected is not None)
 
     async def drained() -> bool:  # the drain stops noting once the journal is replayed
-        return not world.cascade.unreplayed.tracking
+        return not world.database.unreplayed.tracking
 
     assert await poll(drained, bool, within=5)
     assert world.database.journal_pending == 0

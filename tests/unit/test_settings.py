@@ -80,13 +80,25 @@ def test_a_bad_redis_url_never_echoes_its_secret() -> None:
     assert "hunter2" not in describe_error(caught.value)
 
 
-def test_the_service_refuses_to_start_with_one_clear_line(tmp_path: Path) -> None:
-    env = {**os.environ, "REDIS_PORT": "banana", "CACHE_DB_PATH": str(tmp_path / "x.db")}
-    result = subprocess.run(
-        [sys.executable, "-m", "service"], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=30,
-        check=False,
+def start_service(cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m service` with these settings until it exits (these tests expect it to)."""
+    return subprocess.run(
+        [sys.executable, "-m", "service"], cwd=cwd, env={**os.environ, **env},
+        capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
+
+
+def cannot_start_event(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """The one log event of a start-up that failed cleanly: exit 1, no traceback."""
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    event: dict[str, str] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert event["event"] == "cannot start"
+    return event
+
+
+def test_the_service_refuses_to_start_with_one_clear_line(tmp_path: Path) -> None:
+    result = start_service(tmp_path, REDIS_PORT="banana", CACHE_DB_PATH=str(tmp_path / "x.db"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -111,35 +123,19 @@ def test_a_sqlite_file_that_cannot_be_opened_stops_start_up_with_one_line(
     tmp_path: Path,
 ) -> None:
     (tmp_path / "file").write_text("")
-    env = {
-        **os.environ, "REDIS_PORT": "1", "HTTP_PORT": "0", "LOG_FORMAT": "json",
-        "CACHE_DB_PATH": str(tmp_path / "file" / "x.db"),
-    }  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-m", "service"], cwd=tmp_path, env=env,
-        capture_output=True, text=True, timeout=30, check=False,
+    result = start_service(
+        tmp_path, REDIS_PORT="1", HTTP_PORT="0", LOG_FORMAT="json",
+        CACHE_DB_PATH=str(tmp_path / "file" / "x.db"),
     )  # fmt: skip
-    assert result.returncode == 1
-    assert "Traceback" not in result.stdout + result.stderr
-    last = json.loads(result.stdout.strip().splitlines()[-1])
-    assert last["event"] == "cannot start"
-    assert "cannot open the SQLite file" in last["error"]
+    assert "cannot open the SQLite file" in cannot_start_event(result)["error"]
 
 
 def test_an_http_port_in_use_stops_start_up_with_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        env = {
-            **os.environ, "REDIS_PORT": "1", "LOG_FORMAT": "json",
-            "HTTP_PORT": str(taken.getsockname()[1]), "CACHE_DB_PATH": str(tmp_path / "x.db"),
-        }  # fmt: skip
-        result = subprocess.run(
-            [sys.executable, "-m", "service"], cwd=tmp_path, env=env,
-            capture_output=True, text=True, timeout=30, check=False,
+        result = start_service(
+            tmp_path, REDIS_PORT="1", LOG_FORMAT="json",
+            HTTP_PORT=str(taken.getsockname()[1]), CACHE_DB_PATH=str(tmp_path / "x.db"),
         )  # fmt: skip
-    assert result.returncode == 1
-    assert "Traceback" not in result.stdout + result.stderr
-    last = json.loads(result.stdout.strip().splitlines()[-1])
-    assert last["event"] == "cannot start"
-    assert "address already in use" in last["error"]
+    assert "address already in use" in cannot_start_event(result)["error"]
