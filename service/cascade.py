@@ -92,7 +92,7 @@ class Cascade:
             else:
                 if entry is not None and not self.database.unreplayed.hides(key, entry.version):
                     self._hits["redis"].inc()
-                    if self.near_cache:
+                    if self.near_cache and not self.memory.superseded(key, entry.version):
                         self.memory.set(key, entry)
                     return Hit(entry, "redis")
                 self._misses["redis"].inc()
@@ -111,7 +111,9 @@ class Cascade:
             self._errors["database"].inc()
             log.error("sqlite read failed", error=str(error))
             entry = None
-        if entry is None:
+        # A change that dropped the key while this read was in flight wins: the copy read is
+        # neither served nor put back into memory and Redis.
+        if entry is None or self.memory.superseded(key, entry.version):
             self._misses["database"].inc()
             return None
         self._hits["database"].inc()
@@ -167,7 +169,7 @@ class Cascade:
             "delete",
             key,
             lambda version, journal: self.database.delete(key, version, journal=journal),
-            lambda: self.memory.delete(key),
+            lambda version: self.memory.invalidate(key, version),
             lambda version: self.redis.delete(key, version),
             key.__eq__,
         )
@@ -182,7 +184,7 @@ class Cascade:
             lambda version, journal: self.database.delete_pattern(
                 pattern, version, journal=journal, limit=limit
             ),
-            lambda: self.memory.delete_pattern(pattern, limit=limit),
+            lambda version: self.memory.delete_pattern(pattern, below=version, limit=limit),
             lambda version: self.redis.delete_pattern(pattern, version, limit=limit),
             compile_pattern(pattern),
         )
@@ -193,7 +195,7 @@ class Cascade:
         op: Literal["delete", "pattern"],
         target: str,
         in_database: Callable[[int, bool], Awaitable[int]],
-        in_memory: Callable[[], int],
+        in_memory: Callable[[int], int],
         in_redis: Callable[[int], Awaitable[int]],
         matches: Callable[[str], bool],
     ) -> dict[str, int]:
@@ -205,7 +207,7 @@ class Cascade:
             database = await in_database(version, journaled)
         except TierError as error:
             raise WriteRejected(str(error)) from error
-        memory = in_memory()
+        memory = in_memory(version)
         redis = 0
         if self.mode.redis_usable:
             try:

@@ -39,6 +39,14 @@ from service.tiers.base import Entry
 ENTRY_OVERHEAD_BYTES = 360
 
 
+#: How long the version of a dropped key (or pattern) is remembered, so that a read of a lower
+#: tier that was in flight when it was dropped cannot bring the older copy back: a read takes
+#: milliseconds.
+SUPERSEDED_MEMORY_SECONDS = 5.0
+#: Above this many remembered keys, those older than the memory above are forgotten.
+SUPERSEDED_TRACKED = 10_000
+
+
 def _cost(key: str, entry: Entry) -> int:
     return len(key) + len(entry.raw) + ENTRY_OVERHEAD_BYTES
 
@@ -67,6 +75,9 @@ class MemoryTier:
         self._entries: OrderedDict[str, Entry] = OrderedDict()
         self._bytes = 0
         self._evicted = metrics.memory_evictions.inc
+        #: Recently dropped keys and patterns: the version that dropped them, and when.
+        self._superseded: dict[str, tuple[int, float]] = {}
+        self._superseded_patterns: list[tuple[Callable[[str], bool], int, float]] = []
         self._entries_gauge = metrics.tier_entries.labels(self.name)
 
     def __len__(self) -> int:
@@ -110,7 +121,16 @@ class MemoryTier:
         return int(entry is not None and not _expired(entry, self._clock()))
 
     def invalidate(self, key: str, below: int) -> int:
-        """Drop the key if the entry held is older than version `below`."""
+        """Drop the key if the entry held is older than version `below`; remember `below`."""
+        now = time.monotonic()
+        if self._superseded.get(key, (0, 0.0))[0] < below:
+            self._superseded[key] = (below, now)
+        if len(self._superseded) > SUPERSEDED_TRACKED:
+            self._superseded = {
+                k: seen
+                for k, seen in self._superseded.items()
+                if now - seen[1] < SUPERSEDED_MEMORY_SECONDS
+            }
         entry = self._entries.get(key)
         if entry is None or self._dropped_if_expired(key, entry) or entry.version >= below:
             return 0
@@ -119,8 +139,16 @@ class MemoryTier:
     def delete_pattern(
         self, pattern: str, below: int | None = None, limit: int | None = None
     ) -> int:
-        """Drop matching entries (only those older than version `below`, at most `limit`)."""
+        """Drop matching entries (only those older than version `below`, at most `limit`);
+        with `below` and no `limit`, remember it (a bounded delete may leave matching keys)."""
         matches = compile_pattern(pattern)
+        if below is not None and limit is None:
+            moment = time.monotonic()
+            self._superseded_patterns = [
+                p for p in self._superseded_patterns
+                if moment - p[2] < SUPERSEDED_MEMORY_SECONDS
+            ]  # fmt: skip
+            self._superseded_patterns.append((matches, below, moment))
         now = self._clock()
         doomed = [
             key
@@ -133,6 +161,22 @@ class MemoryTier:
             self._remove(key)
         self._publish()
         return len(doomed)
+
+    def superseded(self, key: str, version: int) -> bool:
+        """Whether a copy of `key` at `version` (read from another tier) is older than a
+        change that dropped the key here within the last few seconds."""
+        now = time.monotonic()
+        dropped = self._superseded.get(key)
+        if (
+            dropped is not None
+            and dropped[0] > version
+            and now - dropped[1] < SUPERSEDED_MEMORY_SECONDS
+        ):
+            return True
+        return any(
+            below > version and now - at < SUPERSEDED_MEMORY_SECONDS and matches(key)
+            for matches, below, at in self._superseded_patterns
+        )
 
     def keep_only(self, keys: AbstractSet[str]) -> None:
         """Drop every entry but these (after losing track of what other instances changed)."""

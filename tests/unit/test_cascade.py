@@ -231,3 +231,46 @@ async def test_reads_after_recovery_never_take_redis_copies_older_than_the_journ
     held = await world.redis.get("k:1")
     assert (held.raw if held else None) == expected
     await coherence.close()
+
+
+@pytest.mark.parametrize("change", ["delete", "pattern", "local delete"])
+async def test_a_read_of_sqlite_in_flight_never_brings_back_what_a_change_dropped(
+    world: World, change: str
+) -> None:
+    """The copy such a read finds is older than the change: not served, not put back into
+    memory or Redis (where nothing would take it back)."""
+    await world.cascade.set("k:1", b"old", None)
+    await world.redis.client.unlink("cache:k:1")
+    world.memory.delete("k:1")
+    read_sqlite = world.database.get
+
+    async def the_change_lands_while_sqlite_is_read(key: str) -> Entry | None:
+        found = await read_sqlite(key)  # the old copy, read just before the change
+        newer = world.cascade.versions.next()
+        if change == "delete":  # announced by another instance, applied from the feed
+            world.memory.invalidate(key, newer)
+            await world.database.delete(key, below=newer)
+        elif change == "pattern":
+            world.memory.delete_pattern("k:*", below=newer)
+            await world.database.delete_pattern("k:*", below=newer)
+        else:
+            await world.cascade.delete(key)
+        return found
+
+    world.database.get = the_change_lands_while_sqlite_is_read  # type: ignore[method-assign]
+    assert await world.cascade.get("k:1") is None
+    await world.cascade.drain()
+    assert world.memory.get("k:1") is None
+    assert await world.redis.get("k:1") is None
+    assert world.sample("tiercache_tier_misses_total", tier="database") == 1
+
+
+async def test_a_bounded_pattern_delete_does_not_hide_the_keys_it_left(world: World) -> None:
+    for i in range(3):
+        await world.cascade.set(f"k:{i}", b"v", None)
+    _, complete = await world.cascade.delete_pattern("k:*", limit=1)
+    assert not complete
+    for i in range(3):
+        world.memory.delete(f"k:{i}")
+        await world.redis.client.unlink(f"cache:k:{i}")
+    assert sum([await world.cascade.get(f"k:{i}") is not None for i in range(3)]) == 2
