@@ -168,8 +168,10 @@ class RedisTier:
     async def reset_connections(self) -> None:
         """Drop pooled connections (they may point at a dead or replaced server)."""
         if isinstance(self.client, RedisCluster):
-            for node in self.client.get_nodes():
-                await node.disconnect()
+            # Also forget the slot map, which the next command reloads: after a failover it
+            # still names the dead primary, and with retries off a failed pipeline never
+            # refreshes it (single commands do).
+            await self.client.aclose()
         else:
             await self.client.connection_pool.disconnect()
 
