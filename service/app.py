@@ -11,7 +11,6 @@ from aiohttp import web
 import monitor
 from service.cascade import Cascade
 from service.coherence import FEED_BLOCK_MILLISECONDS, Coherence
-from service.errors import request_middleware
 from service.keys import (
     cascade_key,
     coherence_key,
@@ -41,7 +40,9 @@ BODY_OVERHEAD_BYTES = 64 * 1024
 def create_app(settings: Settings) -> web.Application:
     guards = [auth_middleware(settings), rate_limit_middleware(settings)]
     app = web.Application(
-        middlewares=[request_middleware, *(g for g in guards if g)],
+        # Only the optional guards: any middleware costs every request, and what every
+        # request needs (its id, latency, JSON errors) wraps each handler (service.errors).
+        middlewares=[g for g in guards if g],
         client_max_size=2 * settings.cache_max_value_bytes + BODY_OVERHEAD_BYTES,
     )
     metrics = Metrics()

@@ -38,5 +38,6 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # One line per request is too much for a cache; errors are logged by the error middleware.
+    # One line per request is too much for a cache; errors are logged where they are
+    # turned into JSON (service/errors.py).
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -7,7 +7,7 @@ scrape, so a scrape costs no Redis round trip and cannot hang on a dead Redis.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -178,7 +178,6 @@ class Metrics:
             self.mode.labels(mode)
             self.mode_transitions.labels(mode)
         self._request_children: dict[tuple[str, str], Counter] = {}
-        self._duration_children: dict[str, Histogram] = {}
         # Every series exists from the start, so dashboards and alerts never see "no data".
         for result in ("applied", "superseded", "expired"):
             self.journal_replayed.labels(result)
@@ -196,8 +195,6 @@ class Metrics:
             )
         child.inc()
 
-    def observe_duration(self, route: str, seconds: float) -> None:
-        child = self._duration_children.get(route)
-        if child is None:
-            child = self._duration_children[route] = self.request_duration.labels(route)
-        child.observe(seconds)
+    def duration_observer(self, route: str) -> Callable[[float], None]:
+        """The `observe` of the latency histogram's child for `route`, bound once."""
+        return self.request_duration.labels(route).observe

@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from service import glob
-from service.errors import BadRequest, error_response
+from service.errors import BadRequest, error_response, instrumented, unmatched
 from service.keys import cascade_key, metrics_key, mode_key, settings_key
 
 API = "/api/performance/cache"
@@ -107,7 +107,7 @@ async def stats(request: web.Request) -> web.Response:
     })  # fmt: skip
 
 
-@routes.get(API + "/{key:.+}", allow_head=False)
+@routes.get(API + "/{key:(?s:.+)}", allow_head=False)
 async def get_value(request: web.Request) -> web.Response:
     key = _key(request)
     hit = await request.app[cascade_key].get(key)
@@ -125,14 +125,14 @@ async def get_value(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-@routes.head(API + "/{key:.+}")
+@routes.head(API + "/{key:(?s:.+)}")
 async def has_value(request: web.Request) -> web.Response:
     found = await request.app[cascade_key].contains(_key(request))
     _count("head", "hit" if found else "miss", request)
     return web.Response(status=200 if found else 404)
 
 
-@routes.delete(API + "/{key:.+}")
+@routes.delete(API + "/{key:(?s:.+)}")
 async def delete(request: web.Request) -> web.Response:
     target = _key(request)
     cascade = request.app[cascade_key]
@@ -181,8 +181,9 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def setup_routes(app: web.Application) -> None:
-    app.add_routes(routes)
-    exposition = make_aiohttp_handler(app[metrics_key].exposition)
+    """Register every route, each handler wrapped by `instrumented`, then the catch-all."""
+    metrics = app[metrics_key]
+    exposition = make_aiohttp_handler(metrics.exposition)
     mode = app[mode_key]
 
     async def scrape(request: web.Request) -> web.StreamResponse:
@@ -191,4 +192,13 @@ def setup_routes(app: web.Application) -> None:
         mode.account_degraded_time()
         return await exposition(request)
 
-    app.router.add_get("/metrics", scrape)
+    for definition in [*routes, web.get("/metrics", scrape)]:
+        assert isinstance(definition, web.RouteDef), "only plain routes are defined here"
+        # The resource the route joins (aiohttp reuses the last one for the same path).
+        template = app.router.add_resource(definition.path).canonical
+        handler = instrumented(definition.handler, template, metrics)
+        web.RouteDef(definition.method, definition.path, handler, definition.kwargs).register(
+            app.router
+        )
+    # `(?s:…)`: a path may hold a newline (%0A), which `.` alone does not match.
+    app.router.add_route("*", "/{path:(?s:.*)}", instrumented(unmatched, "unmatched", metrics))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 from urllib.parse import quote
@@ -68,7 +69,18 @@ async def test_round_trip_every_json_type(
 
 
 @pytest.mark.parametrize(
-    "key", ["user:42", "a/b/c", "with space", "ключ", "emoji 🚀", "q?x", "per%cent", "x" * 1024]
+    "key",
+    [
+        "user:42",
+        "a/b/c",
+        "with space",
+        "ключ",
+        "emoji 🚀",
+        "q?x",
+        "per%cent",
+        "line\nbreak",
+        "x" * 1024,
+    ],
 )
 async def test_keys_of_every_shape(
     make_service: ServiceFactory, redis_server: RedisProcess, redis_client: Any, key: str
@@ -78,8 +90,9 @@ async def test_keys_of_every_shape(
     body = await (await client.get(path(key))).json()
     assert body["value"] == key
     # Operators find the key in Redis under the prefix, exactly as written.
-    assert await redis_client.hget(f"cache:{key}", "val") == f'"{key}"'.encode()
+    assert json.loads(await redis_client.hget(f"cache:{key}", "val")) == key
     assert (await client.head(path(key))).status == 200
+    assert (await (await client.delete(path(key))).json())["deleted"]["database"] == 1
 
 
 async def test_ttl_is_reported_and_stored_in_every_tier(
@@ -254,3 +267,10 @@ async def test_health_ready_and_metrics(
     assert 'tiercache_tier_hits_total{tier="redis"} 1.0' in text
     assert "tiercache_redis_up 1.0" in text
     assert 'tiercache_requests_total{operation="set",outcome="ok"} 1.0' in text
+    # Latency is labelled by route template; unknown paths and methods share one label.
+    assert (await client.get("/nope")).status == 404
+    assert (await client.put(API)).status == 405
+    text = await (await client.get("/metrics")).text()
+    key_route = 'route="/api/performance/cache/{key}"'
+    assert f"tiercache_request_duration_seconds_count{{{key_route}}} 1.0" in text
+    assert 'tiercache_request_duration_seconds_count{route="unmatched"} 2.0' in text

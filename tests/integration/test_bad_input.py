@@ -124,6 +124,7 @@ async def test_deleting_the_reserved_stats_key_is_refused(
     ("method", "url", "status"),
     [
         ("GET", "/nope", 404),
+        ("GET", "/no%0Aroute", 404),
         ("GET", f"{API}", 405),
         ("PUT", f"{API}", 405),
         ("PATCH", f"{API}/existing", 405),
@@ -136,6 +137,8 @@ async def test_unknown_routes_and_methods(
 ) -> None:
     response = await client.request(method, url)
     await assert_error(response, status, "allowed" if status == 405 else "no route")
+    if status == 405:
+        assert response.headers["Allow"] == ("POST" if url == API else "DELETE,GET,HEAD")
     await assert_unchanged(client, redis_server)
 
 
