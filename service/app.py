@@ -24,7 +24,7 @@ from service.keys import (
 from service.metrics import Metrics
 from service.mode import Mode
 from service.routes import setup_routes
-from service.security import auth_middleware, rate_limit_middleware
+from service.security import auth_guard, rate_limit_guard
 from service.settings import Settings
 from service.tasks import stop_task
 from service.tiers.memory import MemoryTier
@@ -38,11 +38,8 @@ BODY_OVERHEAD_BYTES = 64 * 1024
 
 
 def create_app(settings: Settings) -> web.Application:
-    guards = [auth_middleware(settings), rate_limit_middleware(settings)]
+    # No middleware: any costs every request; what every request needs wraps each handler.
     app = web.Application(
-        # Only the optional guards: any middleware costs every request, and what every
-        # request needs (its id, latency, JSON errors) wraps each handler (service.errors).
-        middlewares=[g for g in guards if g],
         client_max_size=2 * settings.cache_max_value_bytes + BODY_OVERHEAD_BYTES,
     )
     metrics = Metrics()
@@ -87,7 +84,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(redis_ctx)
     app.cleanup_ctx.append(cascade_ctx)
     app.cleanup_ctx.append(coherence_ctx)
-    setup_routes(app)
+    guards = [auth_guard(settings), rate_limit_guard(settings)]
+    setup_routes(app, [g for g in guards if g is not None])
     # Last: it stops first, before the clients it watches are closed. Before it flips back
     # to full it drops dead pooled connections, catches up on the feed, replays the journal.
     monitor.setup(app, before_recover=(redis.reset_connections, coherence.resync))

@@ -4,8 +4,10 @@
 No traceback ever leaves the process; each request carries an id (the client's X-Request-ID
 or a fresh one) that its log lines share. This is done by wrapping each route's handler when
 it is registered, not by a middleware: with any middleware at all aiohttp runs two extra
-coroutine layers per request, and the route's latency label is known at registration. A
-catch-all route registered last answers unknown paths (404) and wrong methods (405) in JSON.
+coroutine layers per request, and the route's latency label is known at registration. The
+optional access guards (service.security) run inside the wrapper too, so their refusals are
+timed and JSON like any other answer. A catch-all route registered last answers unknown
+paths (404) and wrong methods (405) in JSON.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable, Sequence
 
 import orjson
 import structlog
@@ -48,9 +51,16 @@ class BadRequest(Exception):
         self.status = status
 
 
-def instrumented(handler: Handler, route: str, metrics: Metrics) -> Handler:
-    """`handler` with a request id its log lines share, its latency observed under `route`
-    (the route's template, not the concrete path), and a JSON answer for any failure."""
+#: Runs before a handler: a response refusing the request, or None to let it through.
+Guard = Callable[[web.Request], web.StreamResponse | None]
+
+
+def instrumented(
+    handler: Handler, route: str, metrics: Metrics, guards: Sequence[Guard] = ()
+) -> Handler:
+    """`handler` behind `guards`, with a request id its log lines share, its latency observed
+    under `route` (the route's template, not the concrete path), and a JSON answer for any
+    failure."""
     observe = metrics.duration_observer(route)
 
     async def handle(request: web.Request) -> web.StreamResponse:
@@ -60,6 +70,10 @@ def instrumented(handler: Handler, route: str, metrics: Metrics) -> Handler:
             request_id=request_id or _ID_PREFIX + str(next(_ids))
         )
         try:
+            for guard in guards:
+                refusal = guard(request)
+                if refusal is not None:
+                    return refusal
             return await handler(request)
         except Exception as error:
             return _error_reply(request, error)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from aiohttp import web
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from service import glob
-from service.errors import BadRequest, error_response, instrumented, unmatched
+from service.errors import BadRequest, Guard, error_response, instrumented, unmatched
 from service.keys import cascade_key, metrics_key, mode_key, settings_key
 
 API = "/api/performance/cache"
@@ -180,8 +181,9 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=OPENAPI_DOCUMENT.read_bytes(), content_type="application/json")
 
 
-def setup_routes(app: web.Application) -> None:
-    """Register every route, each handler wrapped by `instrumented`, then the catch-all."""
+def setup_routes(app: web.Application, guards: Sequence[Guard] = ()) -> None:
+    """Register every route, each handler wrapped by `instrumented` behind `guards`, then the
+    catch-all (last: it matches every path)."""
     metrics = app[metrics_key]
     exposition = make_aiohttp_handler(metrics.exposition)
     mode = app[mode_key]
@@ -195,10 +197,12 @@ def setup_routes(app: web.Application) -> None:
     for definition in [*routes, web.get("/metrics", scrape)]:
         assert isinstance(definition, web.RouteDef), "only plain routes are defined here"
         # The resource the route joins (aiohttp reuses the last one for the same path).
-        template = app.router.add_resource(definition.path).canonical
-        handler = instrumented(definition.handler, template, metrics)
+        name = definition.kwargs.get("name")
+        template = app.router.add_resource(definition.path, name=name).canonical
+        handler = instrumented(definition.handler, template, metrics, guards)
         web.RouteDef(definition.method, definition.path, handler, definition.kwargs).register(
             app.router
         )
     # `(?s:…)`: a path may hold a newline (%0A), which `.` alone does not match.
-    app.router.add_route("*", "/{path:(?s:.*)}", instrumented(unmatched, "unmatched", metrics))
+    catch_all = instrumented(unmatched, "unmatched", metrics, guards)
+    app.router.add_route("*", "/{path:(?s:.*)}", catch_all)

@@ -1,4 +1,5 @@
-"""Access control for the cache API: optional bearer tokens and a per-client rate limit.
+"""Access control for the cache API: optional bearer tokens and a per-client rate limit,
+as guards that `service.errors.instrumented` runs before the handler.
 
 Tokens are compared in constant time, all of them every time, so neither a token nor which
 kind of token was close can be learnt from response times. /health, /ready, /metrics and
@@ -13,9 +14,8 @@ import time
 from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
-from service.errors import error_response
+from service.errors import Guard, error_response
 from service.settings import Settings
 
 PROTECTED_PREFIX = "/api/"
@@ -24,20 +24,24 @@ READ_METHODS = frozenset({"GET", "HEAD"})
 MAX_TRACKED_CLIENTS = 10_000
 
 
-def auth_middleware(settings: Settings) -> Middleware | None:
-    """A middleware requiring a bearer token on the API, or None when no token is set."""
+def auth_guard(settings: Settings) -> Guard | None:
+    """A guard requiring a bearer token on the API, or None when no token is set."""
     full = [t.get_secret_value().encode() for t in (settings.cache_api_token,
             settings.cache_write_token) if t is not None]  # fmt: skip
     read = [t.get_secret_value().encode() for t in (settings.cache_read_token,) if t]
     if not full and not read:
         return None
 
-    @web.middleware
-    async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def require_token(request: web.Request) -> web.StreamResponse | None:
         if not request.path.startswith(PROTECTED_PREFIX):
-            return await handler(request)
+            return None
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        given = presented.strip().encode() if scheme.lower() == "bearer" else b""
+        # aiohttp keeps a header's undecodable bytes as surrogates: they stay wrong bytes.
+        given = (
+            presented.strip().encode("utf-8", "surrogateescape")
+            if scheme.lower() == "bearer"
+            else b""
+        )
         # Compare against every token, always: the time taken must not depend on which.
         write_matches = [hmac.compare_digest(given, token) for token in full]
         read_matches = [hmac.compare_digest(given, token) for token in read]
@@ -48,7 +52,7 @@ def auth_middleware(settings: Settings) -> Middleware | None:
             return response
         if not may_write and request.method not in READ_METHODS:
             return error_response(403, "this token may only read")
-        return await handler(request)
+        return None
 
     return require_token
 
@@ -61,9 +65,9 @@ class _Bucket:
         self.updated = updated
 
 
-def rate_limit_middleware(
+def rate_limit_guard(
     settings: Settings, clock: Callable[[], float] = time.monotonic
-) -> Middleware | None:
+) -> Guard | None:
     """A token bucket per client address on the API, or None when no limit is set."""
     rate = settings.rate_limit_per_second
     if rate is None:
@@ -71,10 +75,9 @@ def rate_limit_middleware(
     burst = float(settings.rate_limit_burst or max(1, math.ceil(rate)))
     buckets: dict[str, _Bucket] = {}
 
-    @web.middleware
-    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def limit(request: web.Request) -> web.StreamResponse | None:
         if not request.path.startswith(PROTECTED_PREFIX):
-            return await handler(request)
+            return None
         now = clock()
         client = request.remote or "unknown"
         bucket = buckets.get(client)
@@ -92,6 +95,6 @@ def rate_limit_middleware(
             response.headers["Retry-After"] = str(math.ceil((1 - bucket.tokens) / rate))
             return response
         bucket.tokens -= 1
-        return await handler(request)
+        return None
 
     return limit

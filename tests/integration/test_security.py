@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -30,6 +32,27 @@ async def test_no_token_no_access(guarded: Any) -> None:
             assert response.status == 401
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
             assert (await response.json())["success"] is False
+
+
+async def test_a_token_that_is_not_utf8_is_refused_in_json(guarded: Any) -> None:
+    reader, writer = await asyncio.open_connection(guarded.server.host, guarded.server.port)
+    writer.write(
+        b"GET /api/performance/cache/k HTTP/1.1\r\nHost: x\r\n"
+        b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n"
+    )
+    reply = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert json.loads(body)["error"] == "missing or invalid bearer token"
+
+
+async def test_refusals_are_timed_under_their_route(guarded: Any) -> None:
+    assert (await guarded.get(f"{API}/k")).status == 401
+    text = await (await guarded.get("/metrics")).text()
+    route = 'route="/api/performance/cache/{key}"'
+    assert f"tiercache_request_duration_seconds_count{{{route}}} 1.0" in text
 
 
 async def test_tokens_grant_what_they_should(guarded: Any) -> None:
