@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 
 from tests.procs import free_port
 
@@ -17,17 +18,21 @@ class LinkProxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        # Bumped by each cut: a connection accepted before it but handled after it is dropped.
+        self._generation = 0
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     async def start(self) -> LinkProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+        accept = functools.partial(self._accept, self._generation)
+        self._server = await asyncio.start_server(accept, "127.0.0.1", self.port)
         return self
 
     async def cut(self) -> None:
         """Like a network partition that resets: open connections die, new ones are refused."""
+        self._generation += 1
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
@@ -45,14 +50,21 @@ class LinkProxy:
     async def close(self) -> None:
         await self.cut()
 
-    async def _accept(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+    async def _accept(
+        self, generation: int, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
+        # The server runs this in a task of its own, which may start after a cut.
+        if generation != self._generation:
+            client_w.transport.abort()
+            return
         self._writers.add(client_w)  # a cut while Redis is being dialled aborts it too
         try:
             redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
             client_w.transport.abort()
             return
-        if client_w.transport.is_closing():
+        if client_w.transport.is_closing() or generation != self._generation:
+            client_w.transport.abort()
             redis_w.transport.abort()
             return
         self._writers.add(redis_w)
