@@ -71,9 +71,10 @@ return redis.call('UNLINK', KEYS[1])
 
 
 def _announcing(script: str, kind: str) -> str:
-    """`script` followed by its change's event on the feed (KEYS[2]), in one call: half the
-    commands a write costs. ARGV after the script's own: origin, key, feed length; the
-    version is ARGV[1] in both scripts. Only where both keys share a node (not Cluster)."""
+    """`script` followed by its change's event on the feed (KEYS[2], the fields `_event`
+    writes), in one call: half the commands a write costs. ARGV after the script's own:
+    origin, key, feed length; the version is ARGV[1] in both scripts. Only where both keys
+    share a node (not Cluster)."""
     return f"""local function change()
 {script}end
 local result = change()
@@ -176,8 +177,6 @@ class RedisTier:
         self.feed = f"{INTERNAL_NAMESPACE}{prefix}feed"
         self.epoch_key = f"{INTERNAL_NAMESPACE}{prefix}epoch"
         self._feed_max_length = feed_max_length
-        # A Cluster keeps a key and the feed on different nodes: two commands there.
-        self._announce_in_script = not isinstance(client, RedisCluster)
         self._pipe = AutoPipeline(client, timeout_seconds)
         self._clock = clock
 
@@ -238,29 +237,31 @@ class RedisTier:
             if ttl_ms <= 0:
                 return False  # already expired: nothing to store
         replies = await self._run(
-            *self._change(SET_NEWER, key, announce, entry.version, entry.raw, ttl_ms, expires_ms)
+            *self._change(
+                SET_NEWER, "set", key, announce, entry.version, entry.raw, ttl_ms, expires_ms
+            )
         )
         return bool(replies[0])
 
     async def delete(self, key: str, version: int, *, announce: bool = True) -> int:
         """Delete unless Redis holds a version at or above `version`; returns keys deleted."""
-        replies = await self._run(*self._change(DELETE_OLDER, key, announce, version))
+        replies = await self._run(*self._change(DELETE_OLDER, "delete", key, announce, version))
         return int(replies[0])
 
     def _change(
-        self, script: str, key: str, announce: bool, version: int, *args: Any
+        self, script: str, kind: EventKind, key: str, announce: bool, version: int, *args: Any
     ) -> list[tuple[Any, ...]]:
         """The commands of a versioned change to `key`, announced on the feed if asked."""
         if not announce:
             return [_script(script, (self._name(key),), version, *args)]
-        if self._announce_in_script:
+        # A Cluster keeps a key and the feed on different nodes: two commands there.
+        if not isinstance(self.client, RedisCluster):
             return [
                 _script(
                     _ANNOUNCED[script], (self._name(key), self.feed), version, *args,
                     self.origin, key, self._feed_max_length,
                 )
             ]  # fmt: skip
-        kind: EventKind = "set" if script == SET_NEWER else "delete"
         return [
             _script(script, (self._name(key),), version, *args),
             self._event(kind, key, version),
