@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientTimeout
+from redis.exceptions import DataError
 
 from service.settings import Settings
 from service.tiers.base import Entry
@@ -88,3 +89,18 @@ async def test_http_clients_that_give_up_do_not_disturb_others(
         await asyncio.gather(*(read(rng.randrange(100), rng.random() < 0.6) for _ in range(200)))
     assert not wrong
     assert served > 300
+
+
+async def test_a_command_that_cannot_be_encoded_fails_alone(tier: RedisTier) -> None:
+    """One caller's unencodable argument is its own error, not its whole batch's."""
+    pipe = tier._pipe
+    good = [asyncio.create_task(pipe.execute(("HGET", f"cache:k{i}", "val"))) for i in range(5)]
+    bad = asyncio.create_task(pipe.execute(("HGET", "cache:\ud800", "val")))
+    replies = await asyncio.gather(*good)
+    assert replies == [[f'"value-{i}"'.encode()] for i in range(5)]
+    with pytest.raises(DataError, match="cannot encode HGET"):
+        await bad
+    # A name of two words ("XINFO STREAM") is sent as two arguments, as redis-py does.
+    await tier.get("k0")
+    (info,) = await pipe.execute(("XINFO STREAM", tier.feed))
+    assert info["length"] == KEYS
