@@ -399,8 +399,16 @@ class Http:
 
 
 def start_service(
-    workdir: Path, name: str, redis_url: str, src: Path | None = None, **env_extra: str
+    workdir: Path,
+    name: str,
+    redis_url: str,
+    src: Path | None = None,
+    *,
+    wrapper: Sequence[str] = (),
+    ready_timeout: float = 20.0,
+    **env_extra: str,
 ) -> Http:
+    """The service on a free port, ready; `wrapper` runs it under another command (valgrind)."""
     port = free_port()
     d = workdir / f"svc-{name}"
     d.mkdir(parents=True, exist_ok=True)
@@ -418,14 +426,14 @@ def start_service(
     # cwd is the instance's own folder, so no stray ./.env of the repo is read.
     proc = PROCS.start(
         f"service-{name}",
-        [sys.executable, "-m", "service"],
+        [*wrapper, sys.executable, "-m", "service"],
         env=env,
         cwd=d,
         log_path=d / "service.log",
     )
-    wait_port(port, proc=proc)
+    wait_port(port, ready_timeout, proc=proc)
     server = Http(name, port, proc, env={k: v for k, v in env.items() if k in settings_names()})
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + ready_timeout
     while True:
         status, _ = http("GET", server.url("/ready"))
         if status == 200:
@@ -435,14 +443,21 @@ def start_service(
         time.sleep(0.1)
 
 
-def start_baseline(workdir: Path, name: str, script: str, *args: str) -> Http:
+def start_baseline(
+    workdir: Path,
+    name: str,
+    script: str,
+    *args: str,
+    wrapper: Sequence[str] = (),
+    ready_timeout: float = 20.0,
+) -> Http:
     port = free_port()
     proc = PROCS.start(
         name,
-        [sys.executable, str(BENCH / "baselines" / script), "--port", str(port), *args],
+        [*wrapper, sys.executable, str(BENCH / "baselines" / script), "--port", str(port), *args],
         log_path=workdir / f"{name}.log",
     )
-    wait_port(port, proc=proc)
+    wait_port(port, ready_timeout, proc=proc)
     return Http(name, port, proc)
 
 
