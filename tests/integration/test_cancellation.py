@@ -94,13 +94,23 @@ async def test_http_clients_that_give_up_do_not_disturb_others(
 async def test_a_command_that_cannot_be_encoded_fails_alone(tier: RedisTier) -> None:
     """One caller's unencodable argument is its own error, not its whole batch's."""
     pipe = tier._pipe
-    good = [asyncio.create_task(pipe.execute(("HGET", f"cache:k{i}", "val"))) for i in range(5)]
-    bad = asyncio.create_task(pipe.execute(("HGET", "cache:\ud800", "val")))
-    replies = await asyncio.gather(*good)
-    assert replies == [[f'"value-{i}"'.encode()] for i in range(5)]
-    with pytest.raises(DataError, match="cannot encode HGET"):
-        await bad
-    # A name of two words ("XINFO STREAM") is sent as two arguments, as redis-py does.
-    await tier.get("k0")
+
+    def read(i: int) -> asyncio.Task[list[Any]]:
+        key = f"cache:k{i}"
+        return asyncio.create_task(pipe.execute(("HGET", key, "val"), ("EXISTS", key)))
+
+    first = [read(i) for i in range(3)]
+    not_unicode = asyncio.create_task(pipe.execute(("HGET", "cache:\ud800", "val")))
+    not_a_string = asyncio.create_task(pipe.execute(("HGET", "cache:k0", None)))
+    last = [read(i) for i in range(3, 6)]
+    await asyncio.sleep(0)
+    assert len(pipe._queue) == 8, "the callers were meant to share one batch"
+    replies = await asyncio.gather(*first, *last)
+    assert replies == [[f'"value-{i}"'.encode(), 1] for i in range(6)]
+    for failed in (not_unicode, not_a_string):
+        with pytest.raises(DataError, match="cannot encode HGET"):
+            await failed
+    # A name of two words ("XINFO STREAM") is sent as two arguments, as redis-py does, and
+    # its reply still gets redis-py's parsing for that command.
     (info,) = await pipe.execute(("XINFO STREAM", tier.feed))
     assert info["length"] == KEYS
