@@ -9,8 +9,9 @@ On this shared host the req/s of one configuration spreads by up to ±20% betwee
 more than most single changes save, so run.py's A/B cannot see them. Callgrind counts the
 instructions the server process executes, the same whatever else the machine does. It is a
 proxy, not a speed: it leaves out system calls, cache misses and Redis's own work, so its
-ratios are not req/s ratios (plain against naive is 2.2x in instructions, 3x in req/s). Use
-it to compare versions of the service; the targets are judged by run.py.
+ratios are not req/s ratios (plain against naive, counted the same way by hand: 2.2x in
+instructions, where run.py measures 3x in req/s). Use it to compare versions of the service;
+the targets are judged by run.py.
 
 Each server runs under callgrind with counting off; counting is switched on only while wrk
 (core 1) drives one scenario over one connection, then the counts are dumped and divided by
@@ -19,17 +20,19 @@ with 32, how many requests a batch caught depended on how they happened to arriv
 valgrind (the same code measured 4.4 and 14 requests per Redis read in two runs, which moved
 its count by 4%). A batch's own cost is thus counted in full on every request: the figures
 are an upper bound of the Redis paths' work, for comparing versions. Results are printed and
-written to bench/out/instructions-<stamp>.md.
+written to bench/out/instructions-<stamp>.md (and .json).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,7 +76,10 @@ def callgrind(out_dir: Path, name: str) -> list[str]:
 
 
 def control(pid: int, *args: str) -> None:
-    subprocess.run(["callgrind_control", *args, str(pid)], capture_output=True, check=True)
+    # callgrind_control exits 0 even when it found no such run: its output says so.
+    res = subprocess.run(["callgrind_control", *args, str(pid)], capture_output=True, text=True)
+    if res.returncode != 0 or "not detected" in res.stdout or "No active" in res.stdout:
+        raise RuntimeError(f"callgrind_control {' '.join(args)} {pid}: {res.stdout.strip()}")
 
 
 def total_instructions(out_dir: Path, name: str, pid: int, dumps_before: int) -> int:
@@ -104,6 +110,8 @@ def measure(server: run.Http, scenario: Scenario, seconds: int, out_dir: Path) -
     reads = run.read_syscalls(redis_pid) - reads_before
     instructions = total_instructions(out_dir, server.name, pid, dumps)
     requests = result["requests"]
+    if not requests or not instructions:
+        raise RuntimeError(f"{server.name}: {requests} requests, {instructions} instructions")
     return {
         "requests": requests,
         "instructions_per_request": instructions / requests,
@@ -158,15 +166,21 @@ def main() -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is missing (Debian: apt-get install -y valgrind)")
     run.ensure_tools([])
+    variant = Path(args.variant).resolve() if args.variant else None
+    if variant and not (variant / "service" / "__main__.py").exists():
+        raise SystemExit(f"--variant {args.variant}: no service/ package there")
     os.environ["BENCH_LUA_DIR"] = str(run.LUA)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(130))
+    atexit.register(run.PROCS.stop_all)
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-instructions-"))
     out_dir = workdir / "callgrind"
     out_dir.mkdir()
-    versions = {"main": archive(args.rev, workdir / "src-main") if args.rev else run.ROOT}
-    if args.variant:
-        versions["variant"] = Path(args.variant).resolve()
     rows: list[dict] = []
     try:
+        versions = {"main": archive(args.rev, workdir / "src-main") if args.rev else run.ROOT}
+        if variant:
+            versions["variant"] = variant
         run.log("plain aiohttp under callgrind")
         plain = run.start_baseline(
             workdir,
@@ -199,13 +213,13 @@ def main() -> None:
                 server.stop()
     finally:
         run.PROCS.stop_all()
+        shutil.rmtree(workdir, ignore_errors=True)  # callgrind dumps are not kept
     report = render(rows, versions, args)
     print(report)
     run.OUT.mkdir(exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     (run.OUT / f"instructions-{stamp}.md").write_text(report)
     (run.OUT / f"instructions-{stamp}.json").write_text(json.dumps(rows, indent=2))
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _cpu_model() -> str:
