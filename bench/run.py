@@ -729,6 +729,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "rps_median": median(rps),
         "rps_min": min(rps),
         "rps_max": max(rps),
+        "rps_rounds": rps,
         "p50_ms": median([x["p50"] for x in lat]) / 1000,
         "p99_ms": median([x["p99"] for x in lat]) / 1000,
         "max_ms": max(x["max"] for x in lat) / 1000,
@@ -1492,10 +1493,18 @@ class Run:
             ratio = a / b
             ca, cb = s[num].get("cpu_us_per_req"), s[den].get("cpu_us_per_req")
             cpu = f"; per CPU-second of server + its Redis: {cb / ca:.2f}×" if ca and cb else ""
+            # Each round's ratio of the two, run minutes apart at most: how far the verdict
+            # can be trusted on a host whose speed drifts (the verdict itself is the medians').
+            per_round = [
+                x / y for x, y in zip(s[num]["rps_rounds"], s[den]["rps_rounds"], strict=False)
+            ]
+            spread = f"; per round {min(per_round):.2f}–{max(per_round):.2f}×"
+            if min(per_round) < ratio_min <= max(per_round):
+                spread += ", straddling the threshold"
             self.targets.append(
                 Target(
                     name,
-                    f"{ratio:.2f}× ({fmt_rps(a)} / {fmt_rps(b)} req/s){cpu}",
+                    f"{ratio:.2f}× ({fmt_rps(a)} / {fmt_rps(b)} req/s){cpu}{spread}",
                     ratio >= ratio_min,
                     f"{label} ≥ {ratio_min}× (req/s medians)",
                 )
