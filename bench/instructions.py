@@ -222,18 +222,12 @@ def main() -> None:
     (run.OUT / f"instructions-{stamp}.json").write_text(json.dumps(rows, indent=2))
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def render(rows: list[dict], versions: dict[str, Path], args: argparse.Namespace) -> str:
     plain = rows[0]["instructions_per_request"]
     main_of = {r["scenario"]: r["instructions_per_request"] for r in rows if r["version"] == "main"}
+    cpu = run.proc_field("/proc/cpuinfo", "model name")
     lines = [
-        f"# Instructions per request ({dt.date.today()}, {_cpu_model()})",
+        f"# Instructions per request ({dt.date.today()}, {cpu})",
         "",
         "Versions: "
         + ", ".join(f"{k} = {v}" for k, v in versions.items())

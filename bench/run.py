@@ -1970,31 +1970,9 @@ class Run:
             except Exception:
                 return "not installed"
 
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        model = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in cpuinfo.splitlines()
-                if line.startswith("model name")
-            ),
-            "?",
-        )
-        mhz = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in cpuinfo.splitlines()
-                if line.startswith("cpu MHz")
-            ),
-            "?",
-        )
-        mem = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")
-            ),
-            "?",
-        )
+        model = proc_field("/proc/cpuinfo", "model name")
+        mhz = proc_field("/proc/cpuinfo", "cpu MHz")
+        mem = proc_field("/proc/meminfo", "MemTotal")
         wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout
         webdis_v = (
             subprocess.run(
@@ -2151,6 +2129,14 @@ class Run:
             self.write_report()
             if not self.args.keep:
                 shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def proc_field(path: str, name: str) -> str:
+    """The value of the first `name: value` line of a /proc file, or "?"."""
+    for line in Path(path).read_text().splitlines():
+        if line.startswith(name):
+            return line.split(":", 1)[1].strip()
+    return "?"
 
 
 def pct_summary(sorted_ns: list[int]) -> dict[str, float]:
