@@ -1,10 +1,11 @@
 """Auto-pipelining: the Redis commands of concurrent requests share one round trip.
 
 Commands queued during one turn of the event loop are sent together as one non-transactional
-pipeline on one pooled connection, as ioredis and Lettuce do. Most of redis-py's cost is per
-call, not per command, so a batch of N requests costs little more than one. On one server
-(not Cluster) commands are packed by hiredis, as redis-py's synchronous client does (its
-asyncio connection packs in Python, which was the largest single cost of a batch).
+pipeline on one connection, as ioredis and Lettuce do. Most of redis-py's cost is per call,
+not per command, so a batch of N requests costs little more than one. On one server (not
+Cluster) commands are packed by hiredis, as redis-py's synchronous client does (its asyncio
+connection packs in Python, which was the largest single cost of a batch), and the pipeline
+keeps a few connections between batches instead of a pool checkout and release per batch.
 
 The pipeline runs in a task of its own, never in the request's: a client that disconnects
 cancels only its wait for the reply, so no connection is ever abandoned mid-reply and no
@@ -20,9 +21,15 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 
 from service.tiers.base import TierError
+
+#: Connections the auto-pipeline keeps between batches: enough for the batches that overlap
+#: under load (a batch is in flight for about one Redis round trip).
+IDLE_MAX = 4
 
 Command = tuple[Any, ...]
 _Waiter = tuple[Sequence[Command], "asyncio.Future[list[Any]]"]
@@ -37,6 +44,14 @@ class AutoPipeline:
         self._queue: list[_Waiter] = []
         self._flush_scheduled = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        #: Connections kept between batches rather than returned to the pool. At most half
+        #: the pool, so the health monitor and pattern deletes always find one there.
+        self._idle: list[AbstractConnection] = []
+        self._idle_max = (
+            0
+            if isinstance(client, RedisCluster)
+            else min(IDLE_MAX, client.connection_pool.max_connections // 2)
+        )
 
     async def execute(self, *commands: Command) -> list[Any]:
         """Send the commands (in order, adjacent in one pipeline) and return their replies.
@@ -95,29 +110,66 @@ class AutoPipeline:
         """Write every command in one packet and read the replies in order: what a pipeline
         does, without building one per batch (a fifth of a cache hit's cost)."""
         assert isinstance(self._client, Redis)
-        pool = self._client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # unannotated upstream
+        callbacks = self._client.response_callbacks
+        connection = await self._checkout()
         try:
             await connection.send_packed_command(packed)
             replies: list[Any] = []
             for commands, _ in batch:
                 for command in commands:
+                    # What Redis.parse_response does for these commands, one layer less.
                     try:
-                        replies.append(await self._client.parse_response(connection, command[0]))
+                        reply = await connection.read_response()
                     except ResponseError as error:
                         replies.append(error)
+                        continue
+                    callback = callbacks.get(command[0])
+                    replies.append(reply if callback is None else callback(reply))
         except BaseException:
             # Replies may still be on their way: this connection must never be reused.
-            await connection.disconnect()
+            await self._discard(connection)
             raise
-        finally:
-            await pool.release(connection)
+        if len(self._idle) < self._idle_max:
+            self._idle.append(connection)
+        else:
+            await self._client.connection_pool.release(connection)
         return replies
 
+    async def _checkout(self) -> AbstractConnection:
+        """A connection ready for a batch: one this pipeline kept, or one from the pool.
+
+        A kept connection gets the check the pool makes on checkout (closed by the server
+        while idle, or holding stray bytes: then replaced), without the pool's condition,
+        lock, timeout, event dispatch and observability hooks: those were a quarter of the
+        instructions of a one-request batch (bench/FINDINGS.md, section 7).
+        """
+        while self._idle:
+            connection = self._idle.pop()
+            try:
+                stale = not connection.is_connected or await connection.can_read()
+            except RedisConnectionError:
+                stale = True
+            if not stale:
+                return connection
+            await self._discard(connection)
+        assert isinstance(self._client, Redis)
+        pool = self._client.connection_pool
+        fresh: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]  # unannotated upstream
+        return fresh
+
+    async def _discard(self, connection: AbstractConnection) -> None:
+        assert isinstance(self._client, Redis)
+        await connection.disconnect()
+        await self._client.connection_pool.release(connection)
+
     async def close(self) -> None:
-        """Wait for batches already sent, so shutdown does not cut replies in half."""
+        """Wait for batches already sent, so shutdown does not cut replies in half, then
+        hand the kept connections back to the pool."""
         if self._in_flight:
             await asyncio.gather(*self._in_flight, return_exceptions=True)
+        while self._idle:
+            assert isinstance(self._client, Redis)
+            await self._client.connection_pool.release(self._idle.pop())
 
 
 def _pack(batch: list[_Waiter]) -> tuple[list[_Waiter], list[bytes]]:
