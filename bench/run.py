@@ -693,7 +693,11 @@ VARIANT = " [variant]"
 
 
 def add_variant_measures() -> None:
-    """A "[variant]" twin of every service measure, placed right after it in each table."""
+    """A "[variant]" twin of every service measure, placed right after it in each table.
+
+    Idempotent: a run adds them when it starts and its report asks again."""
+    if any(name.endswith(VARIANT) for name in MEASURES):
+        return
     for name, m in list(MEASURES.items()):
         if m.server in ("svc", "svc_deg", "svc_near"):
             twin = Measure(**{**asdict(m), "check": m.check})
