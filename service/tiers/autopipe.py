@@ -16,6 +16,7 @@ fails or runs out of time closes its connection, so no late reply can reach a la
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,23 +27,43 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, ResponseError
 
 from service.tiers.base import TierError
+from service.tiers.roundtrip import RoundTripFloor
 
 #: Connections the auto-pipeline keeps between batches: enough for the batches that overlap
 #: under load (a batch is in flight for about one Redis round trip).
 IDLE_MAX = 4
+#: A batch waits for the one in flight only when Redis is this close (its fastest recent round
+#: trip): then the wait is short and saves the CPU of a round trip. Same host: 30-100 us.
+HOLD_BELOW_ROUND_TRIP_SECONDS = 0.000_25
 
 Command = tuple[Any, ...]
 _Waiter = tuple[Sequence[Command], "asyncio.Future[list[Any]]"]
 
 
 class AutoPipeline:
-    """Queues commands from concurrent callers and flushes them once per loop iteration."""
+    """Queues commands from concurrent callers and flushes them once per loop iteration.
 
-    def __init__(self, client: Redis | RedisCluster, timeout_seconds: float) -> None:
+    When Redis is near (HOLD_BELOW_ROUND_TRIP_SECONDS), a batch is not sent while another is
+    in flight: callers queue until its replies are in, then go together. Under load that
+    doubles the requests per round trip (8 to 16 on the benchmark's 32 connections), and the
+    CPU saved shortens waits more than the holding lengthens them. A far Redis gets a batch
+    per loop iteration whatever is in flight, since holding would add a round trip of latency
+    (measured with 2 ms round trips at 1,000 req/s: p50 2.9 ms without, 5.0 ms with).
+    """
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        timeout_seconds: float,
+        round_trips: RoundTripFloor | None = None,
+    ) -> None:
         self._client = client
         self._timeout = timeout_seconds
         self._queue: list[_Waiter] = []
+        #: When the oldest queued caller asked: its batch's deadline counts from then.
+        self._queued_since = 0.0
         self._flush_scheduled = False
+        self.round_trips = round_trips or RoundTripFloor()
         self._in_flight: set[asyncio.Task[None]] = set()
         #: Connections kept between batches rather than returned to the pool. At most half
         #: the pool, so the health monitor and pattern deletes always find one there.
@@ -62,22 +83,35 @@ class AutoPipeline:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
+        if not self._queue:
+            self._queued_since = loop.time()
         self._queue.append((commands, future))
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not (self._in_flight and self._holding()):
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         return await future
 
+    def _holding(self) -> bool:
+        # Never on Cluster: its batches go through redis-py's pipeline, which is not timed, so
+        # the floor stays infinite.
+        return self.round_trips.seconds <= HOLD_BELOW_ROUND_TRIP_SECONDS
+
     def _flush(self) -> None:
         self._flush_scheduled = False
         batch, self._queue = self._queue, []
-        task = asyncio.create_task(self._send(batch))
+        deadline = self._queued_since + self._timeout
+        task = asyncio.create_task(self._send(batch, deadline))
         self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        task.add_done_callback(self._sent)
 
-    async def _send(self, batch: list[_Waiter]) -> None:
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if self._queue and not self._flush_scheduled:
+            self._flush()  # the callers held back while it was in flight
+
+    async def _send(self, batch: list[_Waiter], deadline: float) -> None:
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(deadline):
                 if isinstance(self._client, RedisCluster):
                     replies = await self._send_to_cluster(batch)
                 else:
@@ -113,6 +147,7 @@ class AutoPipeline:
         callbacks = self._client.response_callbacks
         connection = await self._checkout()
         try:
+            started = time.perf_counter()
             await connection.send_packed_command(packed)
             replies: list[Any] = []
             for commands, _ in batch:
@@ -129,6 +164,7 @@ class AutoPipeline:
             # Replies may still be on their way: this connection must never be reused.
             await self._discard(connection)
             raise
+        self.round_trips.add(time.perf_counter() - started)
         if len(self._idle) < self._idle_max:
             self._idle.append(connection)
         else:
@@ -165,7 +201,7 @@ class AutoPipeline:
     async def close(self) -> None:
         """Wait for batches already sent, so shutdown does not cut replies in half, then
         hand the kept connections back to the pool."""
-        if self._in_flight:
+        while self._in_flight:  # a batch finishing may send the one it held back
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         while self._idle:
             assert isinstance(self._client, Redis)

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientTimeout
-from redis import asyncio as aioredis
 from redis.exceptions import DataError
 
 from service.settings import Settings
@@ -115,26 +114,3 @@ async def test_a_command_that_cannot_be_encoded_fails_alone(tier: RedisTier) -> 
     # its reply still gets redis-py's parsing for that command.
     (info,) = await pipe.execute(("XINFO STREAM", tier.feed))
     assert info["length"] == KEYS
-
-
-async def test_connections_kept_between_batches_leave_the_pool_usable(
-    redis_server: RedisProcess,
-) -> None:
-    """The pipeline keeps at most half the pool, so other users (the health monitor's
-    INFO, a pattern delete's SCAN) still get a connection at once."""
-    settings = Settings(_env_file=None, redis_url=redis_server.url)
-    client = make_client(settings, None, pool_size=2)
-    tier = RedisTier(client, "cache:", 0.5)
-    admin = aioredis.Redis.from_url(redis_server.url)
-    try:
-        # Two batches in flight at once: each holds one of the pool's two connections.
-        first = asyncio.gather(*(tier.get(f"k{i}") for i in range(50)))
-        await asyncio.sleep(0)
-        second = asyncio.gather(*(tier.get(f"k{i}") for i in range(50, 100)))
-        await asyncio.gather(first, second)
-        assert len(await admin.client_list()) == 3, "both pool connections were meant to be used"
-        info = await asyncio.wait_for(client.info("server"), timeout=0.4)
-        assert info["redis_version"]
-    finally:
-        await admin.aclose()
-        await tier.close()
