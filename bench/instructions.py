@@ -61,6 +61,7 @@ class Scenario:
 SCENARIOS = [
     Scenario("GET served by Redis", "full", "get.lua", f"{run.API}/k"),
     Scenario("GET served by memory (degraded)", "degraded", "get.lua", f"{run.API}/k"),
+    Scenario("GET served by memory (near-cache)", "near", "get.lua", f"{run.API}/k"),
     Scenario("GET miss", "full", "get.lua", f"{run.API}/miss-"),
     Scenario("POST", "full", "post.lua", run.API),
 ]
@@ -120,17 +121,21 @@ def measure(server: run.Http, scenario: Scenario, seconds: int, out_dir: Path) -
 
 
 def start_version(workdir: Path, label: str, src: Path, out_dir: Path) -> dict[str, run.Http]:
-    """The service in full mode (its own Redis) and in degraded mode, seeded with the keys."""
-    redis = run.RedisServer.start(workdir, f"{label}-full")
-    full = run.start_service(
-        workdir,
-        f"{label}-full",
-        redis.url,
-        src=src,
-        wrapper=callgrind(out_dir, f"{label}-full"),
-        ready_timeout=READY_TIMEOUT_SECONDS,
-    )
-    full.redis = redis
+    """The service in full mode and in near-cache mode (each with its own Redis) and in
+    degraded mode, seeded with the keys."""
+    servers: dict[str, run.Http] = {}
+    for mode, env in (("full", {}), ("near", {"CACHE_READ_MODE": "near"})):
+        redis = run.RedisServer.start(workdir, f"{label}-{mode}")
+        servers[mode] = run.start_service(
+            workdir,
+            f"{label}-{mode}",
+            redis.url,
+            src=src,
+            wrapper=callgrind(out_dir, f"{label}-{mode}"),
+            ready_timeout=READY_TIMEOUT_SECONDS,
+            **env,
+        )
+        servers[mode].redis = redis
     degraded = run.start_service(
         workdir,
         f"{label}-degraded",
@@ -139,9 +144,10 @@ def start_version(workdir: Path, label: str, src: Path, out_dir: Path) -> dict[s
         wrapper=callgrind(out_dir, f"{label}-degraded"),
         ready_timeout=READY_TIMEOUT_SECONDS,
     )
-    for server in (full, degraded):
+    servers["degraded"] = degraded
+    for server in servers.values():
         run.seed_service(server)
-    return {"full": full, "degraded": degraded}
+    return servers
 
 
 def archive(rev: str, dest: Path) -> Path:
