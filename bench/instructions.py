@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime as dt
-import json
 import os
 import re
 import shutil
@@ -150,16 +149,6 @@ def start_version(workdir: Path, label: str, src: Path, out_dir: Path) -> dict[s
     return servers
 
 
-def archive(rev: str, dest: Path) -> Path:
-    git = ["git", "-C", str(run.ROOT)]
-    data = subprocess.run(
-        [*git, "archive", rev, "service", "monitor"], capture_output=True, check=True
-    ).stdout
-    dest.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=data, check=True)
-    return dest
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rev", help="measure this commit's service/ and monitor/ (git archive)")
@@ -184,7 +173,9 @@ def main() -> None:
     out_dir.mkdir()
     rows: list[dict] = []
     try:
-        versions = {"main": archive(args.rev, workdir / "src-main") if args.rev else run.ROOT}
+        versions = {
+            "main": run.archive_source(args.rev, workdir / "src-main") if args.rev else run.ROOT
+        }
         if variant:
             versions["variant"] = variant
         run.log("plain aiohttp under callgrind")
@@ -220,39 +211,32 @@ def main() -> None:
     finally:
         run.PROCS.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)  # callgrind dumps are not kept
-    report = render(rows, versions, args)
-    print(report)
-    run.OUT.mkdir(exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (run.OUT / f"instructions-{stamp}.md").write_text(report)
-    (run.OUT / f"instructions-{stamp}.json").write_text(json.dumps(rows, indent=2))
+    run.save_report("instructions", render(rows, versions, args), rows)
 
 
 def render(rows: list[dict], versions: dict[str, Path], args: argparse.Namespace) -> str:
     plain = rows[0]["instructions_per_request"]
     main_of = {r["scenario"]: r["instructions_per_request"] for r in rows if r["version"] == "main"}
-    cpu = run.proc_field("/proc/cpuinfo", "model name")
-    lines = [
-        f"# Instructions per request ({dt.date.today()}, {cpu})",
-        "",
-        "Versions: "
-        + ", ".join(f"{k} = {v}" for k, v in versions.items())
-        + (f" (main is commit {args.rev})" if args.rev else ""),
-        "",
-        "| scenario | version | requests counted | instructions / request | × plain "
-        "| × main | req per Redis read |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for r in rows:
+
+    def cells(r: dict) -> list[str]:
         ipr = r["instructions_per_request"]
         base = main_of.get(r["scenario"])
         per_read = r["requests_per_redis_read"]
-        lines.append(
-            f"| {r['scenario']} | {r['version']} | {r['requests']:,} | {ipr:,.0f} "
-            f"| {ipr / plain:.2f} | {f'{ipr / base:.3f}' if base else '–'} "
-            f"| {f'{per_read:.1f}' if per_read else '–'} |"
-        )
-    return "\n".join(lines) + "\n"
+        return [
+            r["scenario"], r["version"], f"{r['requests']:,}", f"{ipr:,.0f}",
+            f"{ipr / plain:.2f}", f"{ipr / base:.3f}" if base else "–",
+            f"{per_read:.1f}" if per_read else "–",
+        ]  # fmt: skip
+
+    table = run.md_table(
+        ["scenario", "version", "requests counted", "instructions / request", "× plain",
+         "× main", "req per Redis read"],
+        [cells(r) for r in rows],
+        "llrrrrr",
+    )  # fmt: skip
+    cpu = run.proc_field("/proc/cpuinfo", "model name")
+    title = f"# Instructions per request ({dt.date.today()}, {cpu})"
+    return f"{title}\n\n{run.versions_line(versions, args.rev)}\n\n{table}\n"
 
 
 if __name__ == "__main__":

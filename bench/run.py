@@ -379,6 +379,33 @@ def settings_default(name: str) -> Any:
     return Settings.model_fields[name].default
 
 
+def archive_source(rev: str, dest: Path) -> Path:
+    """The service/ and monitor/ of commit `rev`, extracted into `dest` (a new folder)."""
+    data = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "service", "monitor"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=data, check=True)
+    return dest
+
+
+def versions_line(versions: dict[str, Path], rev: str | None) -> str:
+    """How an A/B tool's report names the versions it compared."""
+    named = ", ".join(f"{k} = {v}" for k, v in versions.items())
+    return f"Versions: {named}" + (f" (main is commit {rev})" if rev else "")
+
+
+def save_report(kind: str, report: str, rows: list[dict[str, Any]]) -> None:
+    """Print an A/B tool's report and keep it, with its rows, in bench/out/<kind>-<stamp>."""
+    print(report)
+    OUT.mkdir(exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (OUT / f"{kind}-{stamp}.md").write_text(report)
+    (OUT / f"{kind}-{stamp}.json").write_text(json.dumps(rows, indent=2))
+
+
 @dataclass
 class Http:
     """One HTTP server under test (service or baseline)."""
@@ -2084,13 +2111,7 @@ class Run:
                 text=True,
                 check=True,
             ).stdout.strip()
-            dest = self.workdir / "src"
-            dest.mkdir()
-            archive = subprocess.run(
-                [*git, "archive", rev, "service", "monitor"], capture_output=True, check=True
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-            SRC = dest
+            SRC = archive_source(rev, self.workdir / "src")
             self.results["source"] = f"git archive of commit {rev}"
         else:
             dirty = subprocess.run(
