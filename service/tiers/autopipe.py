@@ -16,6 +16,7 @@ fails or runs out of time closes its connection, so no late reply can reach a la
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -63,6 +64,7 @@ class AutoPipeline:
         #: When the oldest queued caller asked: its batch's deadline counts from then.
         self._queued_since = 0.0
         self._flush_scheduled = False
+        self._closed = False
         self.round_trips = round_trips or RoundTripFloor()
         self._in_flight: set[asyncio.Task[None]] = set()
         #: Connections kept between batches rather than returned to the pool. At most half
@@ -81,6 +83,8 @@ class AutoPipeline:
         Raises TierError when the connection fails or the deadline passes, and DataError,
         for this caller alone, when an argument cannot be encoded (a bug, not an outage).
         """
+        if self._closed:
+            raise TierError("redis tier is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Any]] = loop.create_future()
         if not self._queue:
@@ -98,19 +102,28 @@ class AutoPipeline:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if not self._queue:
+            return  # close() sent it already
         batch, self._queue = self._queue, []
         deadline = self._queued_since + self._timeout
         task = asyncio.create_task(self._send(batch, deadline))
         self._in_flight.add(task)
-        task.add_done_callback(self._sent)
+        task.add_done_callback(functools.partial(self._sent, batch))
 
-    def _sent(self, task: asyncio.Task[None]) -> None:
+    def _sent(self, batch: list[_Waiter], task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
+        if task.cancelled():
+            # Possibly before its first step, so before _send could answer anyone.
+            _fail(batch, "redis pipeline cancelled")
         if self._queue and not self._flush_scheduled:
             self._flush()  # the callers held back while it was in flight
 
     async def _send(self, batch: list[_Waiter], deadline: float) -> None:
         try:
+            if asyncio.get_running_loop().time() >= deadline:
+                # Held behind a batch that used up the time: sent now, its commands would
+                # still run after their callers had been told they failed.
+                raise TimeoutError("deadline passed before it could be sent")
             async with asyncio.timeout_at(deadline):
                 if isinstance(self._client, RedisCluster):
                     replies = await self._send_to_cluster(batch)
@@ -118,10 +131,7 @@ class AutoPipeline:
                     batch, packed = _pack(batch)
                     replies = await self._send_on_one_connection(batch, packed) if batch else []
         except (Exception, asyncio.CancelledError) as error:
-            reason = f"redis pipeline failed: {type(error).__name__}: {error}"
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(TierError(reason))
+            _fail(batch, f"redis pipeline failed: {type(error).__name__}: {error}")
             if isinstance(error, asyncio.CancelledError):
                 raise
             return
@@ -146,6 +156,7 @@ class AutoPipeline:
         assert isinstance(self._client, Redis)
         callbacks = self._client.response_callbacks
         connection = await self._checkout()
+        every_reply_read = False
         try:
             started = time.perf_counter()
             await connection.send_packed_command(packed)
@@ -160,15 +171,11 @@ class AutoPipeline:
                         continue
                     callback = callbacks.get(command[0])
                     replies.append(reply if callback is None else callback(reply))
-        except BaseException:
-            # Replies may still be on their way: this connection must never be reused.
-            await self._discard(connection)
-            raise
+            every_reply_read = True
+        finally:
+            # Otherwise replies may still be on their way: the connection is never reused.
+            await self._put_back(connection, reusable=every_reply_read)
         self.round_trips.add(time.perf_counter() - started)
-        if len(self._idle) < self._idle_max:
-            self._idle.append(connection)
-        else:
-            await self._client.connection_pool.release(connection)
         return replies
 
     async def _checkout(self) -> AbstractConnection:
@@ -187,25 +194,39 @@ class AutoPipeline:
                 stale = True
             if not stale:
                 return connection
-            await self._discard(connection)
+            await self._put_back(connection, reusable=False)
         assert isinstance(self._client, Redis)
         pool = self._client.connection_pool
         fresh: AbstractConnection = await pool.get_connection()  # type: ignore[no-untyped-call]  # unannotated upstream
         return fresh
 
-    async def _discard(self, connection: AbstractConnection) -> None:
+    async def _put_back(self, connection: AbstractConnection, *, reusable: bool) -> None:
+        """Keep the connection for the next batch, or close it unless reusable and give it
+        back to the pool. Neither step can be cut short by a deadline or a cancellation:
+        a connection that never got back would leave the pool one short for good."""
+        if reusable and len(self._idle) < self._idle_max:
+            self._idle.append(connection)
+            return
+        if not reusable:
+            await connection.disconnect(nowait=True)  # closes without waiting: nothing to cut
         assert isinstance(self._client, Redis)
-        await connection.disconnect()
-        await self._client.connection_pool.release(connection)
+        await asyncio.shield(self._client.connection_pool.release(connection))
 
     async def close(self) -> None:
-        """Wait for batches already sent, so shutdown does not cut replies in half, then
-        hand the kept connections back to the pool."""
+        """Send what was asked before, wait for every batch, so shutdown does not cut replies
+        in half, then hand the kept connections back to the pool. Later calls get TierError."""
+        self._closed = True
+        self._flush()
         while self._in_flight:  # a batch finishing may send the one it held back
             await asyncio.gather(*self._in_flight, return_exceptions=True)
         while self._idle:
-            assert isinstance(self._client, Redis)
-            await self._client.connection_pool.release(self._idle.pop())
+            await self._put_back(self._idle.pop(), reusable=False)
+
+
+def _fail(batch: list[_Waiter], reason: str) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(TierError(reason))
 
 
 def _pack(batch: list[_Waiter]) -> tuple[list[_Waiter], list[bytes]]:

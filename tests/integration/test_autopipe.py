@@ -113,6 +113,9 @@ async def test_a_held_batch_keeps_its_callers_deadline(
         await asyncio.sleep(0.2)
         asked = time.monotonic()
         held = get(pipe, 1)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert (len(pipe._in_flight), len(pipe._queue)) == (1, 1), "the caller was not held"
         for task in (hung, held):
             with pytest.raises(TierError, match="TimeoutError"):
                 await task
@@ -123,6 +126,44 @@ async def test_a_held_batch_keeps_its_callers_deadline(
     # the batch was sent.
     assert TIMEOUT_SECONDS - 0.05 <= waited <= TIMEOUT_SECONDS + 0.2, waited
     await pipe.close()
+
+
+async def test_a_batch_whose_time_ran_out_while_held_sends_nothing(client: RedisClient) -> None:
+    """Its callers are told it failed, so its commands must not run afterwards."""
+    pipe = AutoPipeline(client, TIMEOUT_SECONDS, near())
+    loop = asyncio.get_running_loop()
+    caller: asyncio.Future[list[object]] = loop.create_future()
+    await pipe._send([((("SET", "late", "1"),), caller)], deadline=loop.time() - 0.001)
+    with pytest.raises(TierError):
+        await caller
+    assert await client.exists("late") == 0
+    await pipe.close()
+
+
+async def test_a_batch_cancelled_before_it_started_answers_its_callers(
+    client: RedisClient,
+) -> None:
+    pipe = AutoPipeline(client, TIMEOUT_SECONDS, near())
+    caller = get(pipe, 0)
+    await sent(pipe, 1)
+    for batch in pipe._in_flight:
+        batch.cancel()  # as a cancel-all at shutdown would, before its first step
+    with pytest.raises(TierError, match="cancelled"):
+        await asyncio.wait_for(caller, timeout=2)
+    await pipe.close()
+
+
+async def test_a_closed_pipeline_sends_what_was_asked_and_refuses_the_rest(
+    client: RedisClient,
+) -> None:
+    pipe = AutoPipeline(client, TIMEOUT_SECONDS, near())
+    asked = get(pipe, 3)
+    await asyncio.sleep(0)  # queued, not yet sent
+    await pipe.close()
+    assert asked.done(), "close() returned before what was asked had its reply"
+    assert await asked == [b"v3"]
+    with pytest.raises(TierError, match="closed"):
+        await pipe.execute(("GET", "k1"))
 
 
 async def test_connections_kept_between_batches_leave_the_pool_usable(
