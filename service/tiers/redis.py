@@ -6,7 +6,10 @@ each request on a dead Redis wait for seconds). Recovering is the health monitor
 
 Key `k` is a hash at `prefix + k` with the value's JSON in `val` and the version of the write
 in `ver`. Writes and deletes are compare-and-set Lua scripts on that one key, so the newest
-write wins whatever order instances' commands arrive in, and every change is announced on
+change wins whatever order instances' commands arrive in. A delete leaves the key as a
+tombstone (only `ver`) for TOMBSTONE_MILLISECONDS, so that an older write arriving after it
+(another instance's journal replayed concurrently, or a command that outlived its client's
+deadline) is refused instead of bringing the key back. Every change is announced on
 the invalidation feed (a capped Redis Stream): by the same script where the key and the feed
 share a server, by a second command in the same pipeline on Redis Cluster, whose scripts may
 touch one slot only.
@@ -35,6 +38,11 @@ from service.tiers.base import Entry, TierError
 #: Keys asked for per SCAN call and unlinked per UNLINK: small enough that each call stays
 #: well under a millisecond inside Redis, so other clients' latency does not suffer.
 SCAN_BATCH = 500
+#: How long a deleted key keeps its delete's version in Redis. A change older than the delete
+#: can arrive later: another instance replaying its journal after an outage between its
+#: catch-up on the feed and its replay (seconds), or a command written just before its
+#: client gave up on it (until TCP gives up). Ten minutes covers both with room to spare.
+TOMBSTONE_MILLISECONDS = 600_000
 
 
 # Store a value unless the key already holds a newer version. A key of another type in our
@@ -58,15 +66,34 @@ end
 return 1
 """
 
-# Delete a key unless it holds a version at or above ARGV[1]. Returns keys deleted.
+# Delete a key unless it holds a version at or above ARGV[1], leaving a tombstone: the key
+# with only that version, for ARGV[2] ms. Returns 1 when a value (or a key of another type)
+# was deleted, 0 otherwise.
 DELETE_OLDER = """
 local kind = redis.call('TYPE', KEYS[1]).ok
-if kind == 'none' then return 0 end
+local deleted = 0
 if kind == 'hash' then
   local current = redis.call('HGET', KEYS[1], 'ver')
   if current and tonumber(current) >= tonumber(ARGV[1]) then return 0 end
+  deleted = redis.call('HEXISTS', KEYS[1], 'val')
+elseif kind ~= 'none' then
+  deleted = 1
 end
-return redis.call('UNLINK', KEYS[1])
+redis.call('UNLINK', KEYS[1])
+redis.call('HSET', KEYS[1], 'ver', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return deleted
+"""
+
+# Unlink the keys; returns how many held a value (a tombstone is no value to count).
+UNLINK_COUNTING_VALUES = """
+local deleted = 0
+for _, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key).ok
+  if kind ~= 'hash' or redis.call('HEXISTS', key, 'val') == 1 then deleted = deleted + 1 end
+  redis.call('UNLINK', key)
+end
+return deleted
 """
 
 
@@ -223,8 +250,12 @@ class RedisTier:
         return Entry(raw, expires_at, int(version or 0))
 
     async def contains(self, key: str) -> bool:
-        (count,) = await self._run(("EXISTS", self._name(key)))
-        return bool(count)
+        (found,) = await self._pipe.execute(("HEXISTS", self._name(key), "val"))
+        if isinstance(found, ResponseError):
+            return False  # not a hash: not something this service wrote
+        if isinstance(found, Exception):
+            raise TierError(f"redis replied with an error: {found}")
+        return bool(found)
 
     # Writes
 
@@ -245,7 +276,9 @@ class RedisTier:
 
     async def delete(self, key: str, version: int, *, announce: bool = True) -> int:
         """Delete unless Redis holds a version at or above `version`; returns keys deleted."""
-        replies = await self._run(*self._change(DELETE_OLDER, "delete", key, announce, version))
+        replies = await self._run(
+            *self._change(DELETE_OLDER, "delete", key, announce, version, TOMBSTONE_MILLISECONDS)
+        )
         return int(replies[0])
 
     def _change(
@@ -327,11 +360,14 @@ class RedisTier:
         self, names: Sequence[bytes], version: int, conditional: bool, one_by_one: bool = False
     ) -> int:
         if one_by_one and not conditional:
-            return sum(int(r) for r in await self._run(*(("UNLINK", name) for name in names)))
+            replies = await self._run(*(_script(UNLINK_COUNTING_VALUES, (n,)) for n in names))
+            return sum(int(r) for r in replies)
         if not conditional:
-            (count,) = await self._run(("UNLINK", *names))
+            (count,) = await self._run(_script(UNLINK_COUNTING_VALUES, tuple(names)))
             return int(count)
-        replies = await self._run(*(_script(DELETE_OLDER, (name,), version) for name in names))
+        replies = await self._run(
+            *(_script(DELETE_OLDER, (n,), version, TOMBSTONE_MILLISECONDS) for n in names)
+        )
         return sum(int(r) for r in replies)
 
     def _event(self, kind: EventKind, key: str, version: int) -> tuple[Any, ...]:
@@ -392,7 +428,7 @@ _STATS_FIELDS = (
 _ANNOUNCED = {SET_NEWER: SET_NEWER_ANNOUNCED, DELETE_OLDER: DELETE_OLDER_ANNOUNCED}
 _SHAS = {
     script: hashlib.sha1(script.encode()).hexdigest()
-    for script in (SET_NEWER, DELETE_OLDER, *_ANNOUNCED.values())
+    for script in (SET_NEWER, DELETE_OLDER, UNLINK_COUNTING_VALUES, *_ANNOUNCED.values())
 }
 _BODIES = {sha: script for script, sha in _SHAS.items()}
 

@@ -17,6 +17,9 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestClient
 
 from service.keys import memory_key, metrics_key, sqlite_key
+from service.settings import Settings
+from service.tiers.base import Entry
+from service.tiers.redis import TOMBSTONE_MILLISECONDS, RedisTier, make_client
 from tests.integration.conftest import ServiceFactory
 from tests.polling import poll, wait_for_mode
 from tests.procs import RedisProcess
@@ -241,6 +244,36 @@ async def test_an_instance_behind_a_trimmed_feed_drops_what_may_be_stale(
     assert await read(a, "stale?") is None
     assert await read(a, "mine") == "journaled"
     assert await in_redis(redis_server, "mine") == "journaled"
+
+
+# Deletes leave tombstones ----------------------------------------------------------------
+
+
+async def test_an_older_write_arriving_after_a_delete_does_not_bring_the_key_back(
+    redis_server: RedisProcess,
+) -> None:
+    """Two instances replaying their journals at once, or a write that outlived its client's
+    deadline, can deliver a write older than a delete after it: the newest change wins."""
+    settings = Settings(_env_file=None, redis_url=redis_server.url)
+    tier = RedisTier(make_client(settings, None, 4), "cache:", 0.5)
+    try:
+        assert await tier.set("k", Entry(b"1", None, 100))
+        assert await tier.delete("k", 300) == 1
+        assert not await tier.set("k", Entry(b"2", None, 200))  # older than the delete
+        assert await tier.get("k") is None
+        assert not await tier.contains("k")
+        assert 0 < await tier.client.pttl("cache:k") <= TOMBSTONE_MILLISECONDS
+        assert await tier.set("k", Entry(b"3", None, 400))  # newer: a value again, no TTL
+        assert await tier.get("k") == Entry(b"3", None, 400)
+        assert await tier.client.pttl("cache:k") == -1
+        # A key deleted before it was ever written is guarded too.
+        assert await tier.delete("never", 500) == 0
+        assert not await tier.set("never", Entry(b"x", None, 450))
+        # Pattern deletes count the values they removed, not the tombstones.
+        assert await tier.set("p", Entry(b"1", None, 600))
+        assert await tier.delete_pattern("*", 700) == 2  # k and p, not "never"
+    finally:
+        await tier.close()
 
 
 # A randomized run against a model ------------------------------------------------------
