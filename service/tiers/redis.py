@@ -85,13 +85,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return deleted
 """
 
-# Unlink the keys; returns how many held a value (a tombstone is no value to count).
-UNLINK_COUNTING_VALUES = """
+# Unlink the keys that hold a value, leaving tombstones to guard what they guard; returns
+# how many went.
+UNLINK_VALUES = """
 local deleted = 0
 for _, key in ipairs(KEYS) do
   local kind = redis.call('TYPE', key).ok
-  if kind ~= 'hash' or redis.call('HEXISTS', key, 'val') == 1 then deleted = deleted + 1 end
-  redis.call('UNLINK', key)
+  if kind ~= 'none' and (kind ~= 'hash' or redis.call('HEXISTS', key, 'val') == 1) then
+    redis.call('UNLINK', key)
+    deleted = deleted + 1
+  end
 end
 return deleted
 """
@@ -325,10 +328,12 @@ class RedisTier:
             ((cursor, names),) = await self._run(
                 ("SCAN", cursor, "MATCH", match, "COUNT", SCAN_BATCH)
             )
-            if limit is not None:
-                names = names[: limit - deleted]
-            if names:
-                deleted += await self._delete_names(names, version, conditional)
+            # Never more than the limit; tombstones among the names count for nothing, so
+            # what is left of the batch goes next (the cursor has moved past it).
+            while names and (limit is None or deleted < limit):
+                chunk = names if limit is None else names[: limit - deleted]
+                names = names[len(chunk) :]
+                deleted += await self._delete_names(chunk, version, conditional)
             if int(cursor) == 0:
                 break
         if announce:
@@ -344,12 +349,16 @@ class RedisTier:
         deleted, batch = 0, list[bytes]()
         try:
             async for name in self.client.scan_iter(match=match, count=SCAN_BATCH):
-                if limit is not None and deleted + len(batch) >= limit:
-                    break
                 batch.append(name)
-                if len(batch) >= SCAN_BATCH:
+                # A batch never holds more names than the limit has room for: tombstones
+                # among them count for nothing, so scanning goes on until the limit is met.
+                if len(batch) >= (
+                    SCAN_BATCH if limit is None else min(SCAN_BATCH, limit - deleted)
+                ):
                     deleted += await self._delete_names(batch, version, conditional, True)
                     batch = []
+                    if limit is not None and deleted >= limit:
+                        break
             if batch:
                 deleted += await self._delete_names(batch, version, conditional, True)
         except (RedisError, OSError) as error:
@@ -360,10 +369,10 @@ class RedisTier:
         self, names: Sequence[bytes], version: int, conditional: bool, one_by_one: bool = False
     ) -> int:
         if one_by_one and not conditional:
-            replies = await self._run(*(_script(UNLINK_COUNTING_VALUES, (n,)) for n in names))
+            replies = await self._run(*(_script(UNLINK_VALUES, (n,)) for n in names))
             return sum(int(r) for r in replies)
         if not conditional:
-            (count,) = await self._run(_script(UNLINK_COUNTING_VALUES, tuple(names)))
+            (count,) = await self._run(_script(UNLINK_VALUES, tuple(names)))
             return int(count)
         replies = await self._run(
             *(_script(DELETE_OLDER, (n,), version, TOMBSTONE_MILLISECONDS) for n in names)
@@ -428,7 +437,7 @@ _STATS_FIELDS = (
 _ANNOUNCED = {SET_NEWER: SET_NEWER_ANNOUNCED, DELETE_OLDER: DELETE_OLDER_ANNOUNCED}
 _SHAS = {
     script: hashlib.sha1(script.encode()).hexdigest()
-    for script in (SET_NEWER, DELETE_OLDER, UNLINK_COUNTING_VALUES, *_ANNOUNCED.values())
+    for script in (SET_NEWER, DELETE_OLDER, UNLINK_VALUES, *_ANNOUNCED.values())
 }
 _BODIES = {sha: script for script, sha in _SHAS.items()}
 

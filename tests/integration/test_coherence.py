@@ -269,9 +269,26 @@ async def test_an_older_write_arriving_after_a_delete_does_not_bring_the_key_bac
         # A key deleted before it was ever written is guarded too.
         assert await tier.delete("never", 500) == 0
         assert not await tier.set("never", Entry(b"x", None, 450))
-        # Pattern deletes count the values they removed, not the tombstones.
+        # Pattern deletes count the values they removed, and leave tombstones where they are.
         assert await tier.set("p", Entry(b"1", None, 600))
         assert await tier.delete_pattern("*", 700) == 2  # k and p, not "never"
+        assert not await tier.set("never", Entry(b"x", None, 460))
+    finally:
+        await tier.close()
+
+
+async def test_tombstones_take_no_room_in_a_pattern_delete_limit(
+    redis_server: RedisProcess,
+) -> None:
+    settings = Settings(_env_file=None, redis_url=redis_server.url)
+    tier = RedisTier(make_client(settings, None, 4), "cache:", 0.5)
+    try:
+        for i in range(4):
+            await tier.delete(f"t{i}", 100)  # tombstones, matched by the pattern too
+        for i in range(3):
+            assert await tier.set(f"u{i}", Entry(b"1", None, 200))
+        assert await tier.delete_pattern("[tu]*", 300, limit=3) == 3
+        assert [await tier.get(f"u{i}") for i in range(3)] == [None] * 3
     finally:
         await tier.close()
 
