@@ -79,7 +79,7 @@ if kind == 'hash' then
 elseif kind ~= 'none' then
   deleted = 1
 end
-redis.call('UNLINK', KEYS[1])
+if kind ~= 'none' then redis.call('UNLINK', KEYS[1]) end
 redis.call('HSET', KEYS[1], 'ver', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return deleted
@@ -240,11 +240,9 @@ class RedisTier:
     # Reads
 
     async def get(self, key: str) -> Entry | None:
-        (fields,) = await self._pipe.execute(("HMGET", self._name(key), "val", "ver", "exp"))
-        if isinstance(fields, ResponseError):
-            return None  # not a hash: not something this service wrote
-        if isinstance(fields, Exception):
-            raise TierError(f"redis replied with an error: {fields}")
+        fields = await self._read_own("HMGET", key, "val", "ver", "exp")
+        if fields is None:
+            return None
         raw, version, expires_ms = fields
         if raw is None:
             return None
@@ -253,12 +251,17 @@ class RedisTier:
         return Entry(raw, expires_at, int(version or 0))
 
     async def contains(self, key: str) -> bool:
-        (found,) = await self._pipe.execute(("HEXISTS", self._name(key), "val"))
-        if isinstance(found, ResponseError):
-            return False  # not a hash: not something this service wrote
-        if isinstance(found, Exception):
-            raise TierError(f"redis replied with an error: {found}")
-        return bool(found)
+        return bool(await self._read_own("HEXISTS", key, "val"))
+
+    async def _read_own(self, command: str, key: str, *fields: str) -> Any:
+        """The reply of a hash command on `key`, or None when the key is of another type
+        (not something this service wrote)."""
+        (reply,) = await self._pipe.execute((command, self._name(key), *fields))
+        if isinstance(reply, ResponseError):
+            return None
+        if isinstance(reply, Exception):
+            raise TierError(f"redis replied with an error: {reply}")
+        return reply
 
     # Writes
 

@@ -55,6 +55,21 @@ async def sent(pipe: AutoPipeline, batches: int) -> None:
     raise AssertionError(f"{len(pipe._in_flight)} batches in flight, not {batches}")
 
 
+async def two_batches_in_flight(
+    pipe: AutoPipeline, redis_server: RedisProcess, size: int
+) -> list[asyncio.Task[list[object]]]:
+    """GETs of k0.. in two batches sent while Redis is paused, so both are out at once."""
+    redis_server.pause()
+    try:
+        first = [get(pipe, i) for i in range(size)]
+        await sent(pipe, 1)
+        second = [get(pipe, i) for i in range(size, 2 * size)]
+        await sent(pipe, 2)
+    finally:
+        redis_server.resume()
+    return first + second
+
+
 async def test_callers_wait_for_the_batch_in_flight_when_redis_is_near(
     client: RedisClient, redis_server: RedisProcess
 ) -> None:
@@ -79,15 +94,7 @@ async def test_callers_do_not_wait_when_redis_is_far(
     client: RedisClient, redis_server: RedisProcess
 ) -> None:
     pipe = AutoPipeline(client, TIMEOUT_SECONDS, far())
-    redis_server.pause()
-    try:
-        first = [get(pipe, i) for i in range(5)]
-        await sent(pipe, 1)
-        second = [get(pipe, i) for i in range(5, 10)]
-        await sent(pipe, 2)
-    finally:
-        redis_server.resume()
-    replies = await asyncio.gather(*first, *second)
+    replies = await asyncio.gather(*await two_batches_in_flight(pipe, redis_server, 5))
     assert replies == [[f"v{i}".encode()] for i in range(10)]
     await pipe.close()
 
@@ -177,15 +184,7 @@ async def test_connections_kept_between_batches_leave_the_pool_usable(
     admin = aioredis.Redis.from_url(redis_server.url)
     try:
         # Two batches in flight at once: each holds one of the pool's two connections.
-        redis_server.pause()
-        try:
-            first = [get(pipe, i) for i in range(10)]
-            await sent(pipe, 1)
-            second = [get(pipe, i) for i in range(10, 20)]
-            await sent(pipe, 2)
-        finally:
-            redis_server.resume()
-        await asyncio.gather(*first, *second)
+        await asyncio.gather(*await two_batches_in_flight(pipe, redis_server, 10))
         assert len(await admin.client_list()) == 3, "both pool connections were meant to be used"
         info = await asyncio.wait_for(client.info("server"), timeout=0.4)
         assert info["redis_version"]
